@@ -38,9 +38,9 @@ Where other implementations differ from the paper (this file follows the paper):
   * The official code (a PEFT fork, juyongjiang/KaSA) keeps `in_features - r` singular components
     instead of k - r. When out < in (e.g. a GQA k/v projection, 576 -> 192), k = out ≤ in - r,
     so nothing is dropped at all: those layers are silently never truncated.
-  * Its orthogonality term uses the in x in matrix AᵀA and the out x out matrix BBᵀ (whose
-    distance to I is at least d − r, so the term never reaches 0), takes the unsquared Frobenius
-    norm, and divides the whole regularizer by the number of layers.
+  * Its orthogonality term uses the in x in matrix AᵀA and the out x out matrix BBᵀ (rank r, so
+    their distance to I is at least √(d − r) and the term never reaches 0), takes the unsquared
+    Frobenius norm, and divides the whole regularizer by the number of layers.
   * PEFT's KaSA variant uses the paper's r x r Gram matrices but sums *unsquared* norms.
 """
 import math
