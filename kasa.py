@@ -279,13 +279,13 @@ ADAPTER_KEYS = ("kasa_A", "kasa_B", "kasa_sigma", "kasa_dropped_US", "kasa_dropp
 
 
 @torch.no_grad()
-def load_kasa_state_dict(model: nn.Module, state: dict) -> list:
+def load_kasa_state_dict(model: nn.Module, state: dict, dropout: float = 0.0) -> list:
     """Load an adapter from kasa_state_dict into `model`, with no SVD.
 
     `model` is either the plain pretrained model (its target nn.Linear layers are replaced)
     or one that already went through apply_kasa with the same targets (they are reset onto
     the saved truncation). The original weights must match the adapter's fingerprints.
-    Returns the adapted layer names.
+    Dropout is not part of the adapter: pass it to continue training. Returns the layer names.
     """
     by_layer = {}
     for key, tensor in state.items():
@@ -320,12 +320,10 @@ def load_kasa_state_dict(model: nn.Module, state: dict) -> list:
                              f"(fingerprint {actual.tolist()} vs saved {saved.tolist()}): load the same "
                              "pretrained checkpoint in the same precision before loading the adapter")
         r = tensors["kasa_sigma"].shape[0]
-        layer = KaSALinear(base, r=r, alpha=float(tensors["kasa_alpha"]),
+        layer = KaSALinear(base, r=r, alpha=float(tensors["kasa_alpha"]), dropout=dropout,
                            dropped=(tensors["kasa_dropped_US"], tensors["kasa_dropped_Vt"]))
         for param in ("kasa_A", "kasa_B", "kasa_sigma"):
             getattr(layer, param).copy_(tensors[param])
-        if isinstance(module, KaSALinear):
-            layer.dropout = module.dropout
         _replace_module(model, name, layer)
     _freeze_all_but_kasa(model)
     return list(by_layer)
