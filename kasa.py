@@ -74,6 +74,8 @@ def truncate_minor_components(weight: torch.Tensor, r: int):
     `W_world + dropped` then gives back W up to one rounding, which `restore_base` relies on.
     """
     W = weight.detach().to(svd_dtype(weight))
+    if r == 0:                                             # truncation switched off: W_world = W
+        return weight.detach().clone(), W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1])
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)   # W = U diag(S) Vh, S descending
     k = S.shape[0]
     dropped_US = U[:, k - r:] * S[k - r:]                  # U[:, k-r:] Σ[k-r:]      (out, r)
@@ -104,15 +106,19 @@ class KaSALinear(nn.Module):
       kasa_A      (r, in)    trainable ΔVᵀ, float32, kaiming-uniform as in LoRA
       kasa_B      (out, r)   trainable ΔU, float32, zeros so that ΔW = 0 at step 0
       kasa_sigma  (r,)       trainable Δσ (the knowledge-aware singular values), float32, N(0, 1)
-      kasa_dropped_US (out, r), kasa_dropped_Vt (r, in)   buffers: the dropped triplets U_r Σ_r, V_rᵀ
+      kasa_dropped_US (out, t), kasa_dropped_Vt (t, in)   buffers: the dropped triplets U_t Σ_t, V_tᵀ
       kasa_fingerprint (2,)  buffer: base_fingerprint of the original W
+
+    The paper drops t = r triplets and trains σ. Two switches exist for ablations, and change
+    nothing else: `truncation` sets t (0 switches step 1 off), and `learn_sigma=False` fixes
+    σ = 1 (step 2 without knowledge-aware singular values). With both off the layer is LoRA.
 
     The adapter stays float32 when the base is bf16/fp16 (it is the optimizer's master copy);
     under autocast its matmuls run in the autocast dtype like every other layer's.
     """
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                 dropped: tuple = None):
+                 truncation: int = None, learn_sigma: bool = True, dropped: tuple = None):
         super().__init__()
         weight = base.weight
         if weight.device.type == "meta":
@@ -123,16 +129,22 @@ class KaSALinear(nn.Module):
                              "load the model in float32/bfloat16/float16 first.")
         out_features, in_features = weight.shape
         k = min(out_features, in_features)
-        if not 1 <= r < k:
+        if dropped is not None:
+            truncation = dropped[1].shape[0]                        # a saved truncation (no SVD)
+        elif truncation is None:
+            truncation = r                                         # the paper: drop as many as the rank
+        if r < 1 or not 0 <= truncation < k:
             raise ValueError(f"r={r} must satisfy 1 <= r < min(out, in) = {k} for a {out_features}x{in_features} "
-                             "weight: KaSA drops r singular triplets and must keep at least one.")
+                             f"weight (truncation={truncation}): KaSA drops r singular triplets and must keep "
+                             "at least one.")
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.scaling = alpha / r                                   # α/r, as in LoRA
+        self.learn_sigma = learn_sigma
         self.merged = False
 
         # Step 1 (§3.1): knowledge-based SVD truncation, or the saved factors of an earlier one.
         if dropped is None:
-            W_world, dropped_US, dropped_Vt = truncate_minor_components(weight, r)
+            W_world, dropped_US, dropped_Vt = truncate_minor_components(weight, truncation)
         else:
             dropped_US, dropped_Vt = (t.to(weight.device, svd_dtype(weight)) for t in dropped)
             W_world = (weight.detach().to(svd_dtype(weight)) - dropped_US @ dropped_Vt).to(weight.dtype)
@@ -146,7 +158,8 @@ class KaSALinear(nn.Module):
         factory = dict(device=weight.device, dtype=svd_dtype(weight))
         self.kasa_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.kasa_B = nn.Parameter(torch.zeros(out_features, r, **factory))
-        self.kasa_sigma = nn.Parameter(torch.randn(r, **factory))
+        self.kasa_sigma = nn.Parameter(torch.randn(r, **factory) if learn_sigma else torch.ones(r, **factory),
+                                       requires_grad=learn_sigma)
         nn.init.kaiming_uniform_(self.kasa_A, a=math.sqrt(5))     # LoRA's A init (nn.Linear's default)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -196,6 +209,7 @@ class KaSALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"truncation={self.kasa_dropped_Vt.shape[0]}, learn_sigma={self.learn_sigma}, "
                 f"scaling={self.scaling:g}, merged={self.merged}")
 
 
@@ -212,15 +226,19 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module):
 
 
 def _freeze_all_but_kasa(model: nn.Module):
-    for name, param in model.named_parameters():
-        param.requires_grad = name.rpartition(".")[2].startswith("kasa_")
+    for param in model.parameters():
+        param.requires_grad = False
+    for _, layer in _kasa_layers(model):
+        layer.kasa_A.requires_grad = layer.kasa_B.requires_grad = True
+        layer.kasa_sigma.requires_grad = layer.learn_sigma
 
 
 def apply_kasa(model: nn.Module, targets=("q_proj", "v_proj"), r: int = 8, alpha: float = 16.0,
-               dropout: float = 0.0) -> list:
+               dropout: float = 0.0, *, truncation: int = None, learn_sigma: bool = True) -> list:
     """Replace every nn.Linear whose qualified name ends with one of `targets` by a KaSALinear.
 
     Everything else is frozen; only kasa_A, kasa_B and kasa_sigma train. Returns the replaced names.
+    `truncation` and `learn_sigma` are ablation switches (see KaSALinear); the defaults are the paper's.
     """
     if isinstance(targets, str):
         targets = (targets,)
@@ -237,7 +255,8 @@ def apply_kasa(model: nn.Module, targets=("q_proj", "v_proj"), r: int = 8, alpha
             raise TypeError(f"target {name} is a {type(module).__name__}, not an nn.Linear: KaSA adapts linear "
                             "layers only (GPT-2's fused Conv1D must be split into q/k/v nn.Linear first)")
     for name, module in matched:
-        _replace_module(model, name, KaSALinear(module, r=r, alpha=alpha, dropout=dropout))
+        _replace_module(model, name, KaSALinear(module, r=r, alpha=alpha, dropout=dropout,
+                                                truncation=truncation, learn_sigma=learn_sigma))
     _freeze_all_but_kasa(model)
     return [name for name, _ in matched]
 
@@ -263,7 +282,8 @@ def kasa_state_dict(model: nn.Module) -> dict:
     """The adapter: trainable factors, dropped triplets and base fingerprint of every KaSA layer.
 
     Plain tensors keyed `<layer>.<name>`, so torch.save and safetensors both store it. Also
-    holds `<layer>.kasa_alpha`, so the adapter reloads with the scaling it was trained with.
+    holds `<layer>.kasa_alpha` and `<layer>.kasa_learn_sigma`, so the adapter reloads with the
+    scaling and the trainable set it was trained with.
     """
     state = {}
     for name, layer in _kasa_layers(model):
@@ -271,11 +291,12 @@ def kasa_state_dict(model: nn.Module) -> dict:
             if key.startswith("kasa_"):
                 state[f"{name}.{key}"] = tensor.detach().clone()
         state[f"{name}.kasa_alpha"] = torch.tensor(layer.scaling * layer.r, dtype=torch.float64)
+        state[f"{name}.kasa_learn_sigma"] = torch.tensor(layer.learn_sigma)
     return state
 
 
 ADAPTER_KEYS = ("kasa_A", "kasa_B", "kasa_sigma", "kasa_dropped_US", "kasa_dropped_Vt",
-                "kasa_fingerprint", "kasa_alpha")
+                "kasa_fingerprint", "kasa_alpha", "kasa_learn_sigma")
 
 
 @torch.no_grad()
@@ -321,6 +342,7 @@ def load_kasa_state_dict(model: nn.Module, state: dict, dropout: float = 0.0) ->
                              "pretrained checkpoint in the same precision before loading the adapter")
         r = tensors["kasa_sigma"].shape[0]
         layer = KaSALinear(base, r=r, alpha=float(tensors["kasa_alpha"]), dropout=dropout,
+                           learn_sigma=bool(tensors["kasa_learn_sigma"]),
                            dropped=(tensors["kasa_dropped_US"], tensors["kasa_dropped_Vt"]))
         for param in ("kasa_A", "kasa_B", "kasa_sigma"):
             getattr(layer, param).copy_(tensors[param])

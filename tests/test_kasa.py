@@ -266,3 +266,55 @@ def test_self_test_runs():
     result = subprocess.run([sys.executable, "kasa.py"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "merged forward == unmerged forward" in result.stdout
+
+
+# ----------------------------------------------------------------------------- ablation switches
+
+def test_switches_off_equal_peft_lora():
+    """truncation=0 and learn_sigma=False leave nothing of KaSA but the low-rank update: PEFT's LoRA."""
+    peft = pytest.importorskip("peft")
+    ours, theirs = TwoProjections(), TwoProjections()
+    theirs.load_state_dict(ours.state_dict())
+    original = ours.q_proj.weight.detach().clone()
+    kasa.apply_kasa(ours, r=4, alpha=8, truncation=0, learn_sigma=False)
+    randomize_adapter(ours)
+    assert torch.equal(ours.q_proj.weight, original) and ours.q_proj.kasa_dropped_US.shape == (16, 0)
+    assert torch.equal(ours.q_proj.kasa_sigma, torch.ones(4))
+    assert sorted(n for n, p in ours.named_parameters() if p.requires_grad) == sorted(
+        f"{l}.kasa_{p}" for l in ("q_proj", "v_proj") for p in ("A", "B"))
+    theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name in ("q_proj", "v_proj"):
+        mine, other = ours.get_submodule(name), theirs.base_model.model.get_submodule(name)
+        with torch.no_grad():
+            other.lora_A["default"].weight.copy_(mine.kasa_A)
+            other.lora_B["default"].weight.copy_(mine.kasa_B)
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-6, rtol=1e-6)
+
+
+def test_truncation_smaller_than_rank():
+    base = nn.Linear(24, 40, dtype=torch.float64)
+    W = base.weight.detach().clone()
+    layer = kasa.KaSALinear(base, r=8, truncation=2)
+    assert torch.linalg.matrix_rank(layer.weight).item() == 24 - 2
+    np.testing.assert_allclose(layer.weight.detach().numpy(), numpy_world(W.numpy(), 2), atol=1e-12)
+    assert layer.kasa_A.shape == (8, 24) and layer.kasa_dropped_Vt.shape == (2, 24)
+    torch.testing.assert_close(layer.restore_base().weight, W, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="truncation=24"):
+        kasa.KaSALinear(nn.Linear(24, 40), r=4, truncation=24)
+
+
+def test_switched_off_adapter_round_trips_through_safetensors(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    pretrained = TwoProjections().state_dict()
+    model = TwoProjections()
+    model.load_state_dict(pretrained)
+    kasa.apply_kasa(model, r=4, truncation=0, learn_sigma=False)
+    randomize_adapter(model)
+    safetensors_torch.save_file(kasa.kasa_state_dict(model), tmp_path / "a.safetensors")
+    fresh = TwoProjections()
+    fresh.load_state_dict(pretrained)
+    kasa.load_kasa_state_dict(fresh, safetensors_torch.load_file(tmp_path / "a.safetensors"))
+    x = torch.randn(3, 24)
+    assert torch.equal(fresh(x), model(x))
+    assert not fresh.q_proj.kasa_sigma.requires_grad and fresh.q_proj.kasa_A.requires_grad
