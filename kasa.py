@@ -20,6 +20,8 @@ Usage:
 
     import kasa
     names = kasa.apply_kasa(model, targets=("q_proj", "v_proj"), r=8, alpha=16)
+    report = kasa.truncation_report(model, lambda: dev_loss(model))   # what did step 1 cost?
+    print(kasa.format_truncation_report(report))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
     for batch in loader:
         l2, l3 = kasa.kasa_regularization(model)
@@ -32,7 +34,7 @@ Usage:
     kasa.load_kasa_state_dict(model, torch.load("adapter.pt", weights_only=True))
 
 Public API: KaSALinear, apply_kasa, kasa_regularization, kasa_state_dict, load_kasa_state_dict,
-merge_kasa, unmerge_kasa.
+merge_kasa, unmerge_kasa, truncation_report, format_truncation_report.
 
 Where other implementations differ from the paper (this file follows the paper):
   * The official code (a PEFT fork, juyongjiang/KaSA) keeps `in_features - r` singular components
@@ -57,6 +59,8 @@ __all__ = [
     "load_kasa_state_dict",
     "merge_kasa",
     "unmerge_kasa",
+    "truncation_report",
+    "format_truncation_report",
 ]
 
 
@@ -221,6 +225,7 @@ def _kasa_layers(model: nn.Module):
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module):
+    new.train(model.get_submodule(name).training)   # a new module would otherwise be in train mode
     parent_name, _, child_name = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child_name, new)
 
@@ -361,6 +366,115 @@ def unmerge_kasa(model: nn.Module):
     """Undo merge_kasa, e.g. to continue training."""
     for _, layer in _kasa_layers(model):
         layer.unmerge()
+
+
+# --- What did the truncation cost? (a report to read before training)
+#
+# Step 1 rests on a claim about the pretrained model: its smallest singular triplets are noise.
+# The claim can be checked before training. Right after apply_kasa the adapter is a zero update
+# (B = 0), so any change in the loss is the truncation's alone. The claim does not always hold: in
+# some models one tiny direction of one layer carries real knowledge. The report shows it; what
+# to do about it is the user's call, so it never changes the method.
+
+
+@torch.no_grad()
+def truncation_report(model: nn.Module, compute_loss, warn_above: float = 0.05) -> dict:
+    """What step 1 dropped from each KaSA layer of a model fresh from apply_kasa, and what it costs.
+
+    `compute_loss()` returns the model's mean loss on a few fixed batches (the same ones on every
+    call). It runs once with every layer truncated, once with every layer restored, and once per
+    truncated layer, in eval mode. Returns a dict that json.dumps can write:
+      loss_original   every layer restored to the pretrained W = W_world + U_t Σ_t V_tᵀ
+      loss_truncated  every layer W_world: where training starts
+      layers          worst first, one dict per layer:
+        name, truncation   the layer and t, the number of triplets it dropped
+        dropped_sigma      σ_{k-t+1..k}: the column norms of U_t Σ_t (U's columns are unit vectors)
+        energy_share       Σσ²_dropped / ‖W‖²_F, where ‖W‖²_F = ‖W_world‖²_F + Σσ²_dropped
+        delta_loss         the loss with only this layer truncated, minus loss_original
+        kept_sigma         the singular values of W_world, to 5 significant digits (for plots)
+      warning         None, or what to do when truncation raises the loss by more than warn_above nats
+    Each measurement swaps weight Parameters in and out instead of adding and subtracting the
+    dropped part, so the model ends up with its own Parameters again, bit for bit, in any dtype.
+    """
+    layers = _kasa_layers(model)
+    trained = [name for name, layer in layers if layer.kasa_B.any()]
+    if trained:
+        raise ValueError(f"{trained[0]} (and {len(trained) - 1} more layers) has a trained adapter (kasa_B != 0), "
+                         "so the loss would mix training with truncation: call truncation_report right after "
+                         "apply_kasa, before the first optimizer step")
+    modules = dict(layers)
+    truncated = {name: layer.weight for name, layer in layers}
+    original = {name: nn.Parameter(layer.restore_base().weight, requires_grad=False) for name, layer in layers}
+
+    def use(weights: dict):
+        for name, weight in weights.items():
+            modules[name].weight = weight
+
+    was_training = model.training
+    model.eval()
+    delta_loss = {}
+    try:
+        loss_truncated = float(compute_loss())
+        use(original)
+        loss_original = float(compute_loss())
+        for name, layer in layers:
+            if layer.kasa_dropped_Vt.shape[0] > 0:           # truncation 0: nothing dropped, Δloss = 0
+                use({name: truncated[name]})
+                delta_loss[name] = float(compute_loss()) - loss_original
+                use({name: original[name]})
+    finally:
+        use(truncated)
+        model.train(was_training)
+
+    rows = []
+    for name, layer in layers:
+        dropped_sigma = layer.kasa_dropped_US.double().norm(dim=0)
+        dropped_energy = dropped_sigma.square().sum().item()
+        W_world = layer.weight.to(svd_dtype(layer.weight))
+        kept_sigma = torch.linalg.svdvals(W_world)[:min(W_world.shape) - dropped_sigma.numel()]
+        rows.append({"name": name, "truncation": dropped_sigma.numel(), "dropped_sigma": dropped_sigma.tolist(),
+                     "energy_share": dropped_energy / (W_world.double().square().sum().item() + dropped_energy),
+                     "delta_loss": delta_loss.get(name, 0.0),
+                     "kept_sigma": [float(f"{s:.5g}") for s in kept_sigma.tolist()]})
+    rows.sort(key=lambda row: -row["delta_loss"])
+    increase = loss_truncated - loss_original
+    return {"loss_original": loss_original, "loss_truncated": loss_truncated, "layers": rows,
+            "warning": _truncation_warning(rows, increase) if increase > warn_above else None}
+
+
+def _truncation_warning(rows: list, increase: float) -> str:
+    """Name the worst layers and the two ways out: adapt other projections, or do not truncate."""
+    worst = [row for row in rows if row["truncation"] > 0][:3]
+    blamed = {row["name"].rpartition(".")[2] for row in worst}
+    others = sorted({row["name"].rpartition(".")[2] for row in rows} - blamed)
+    retarget = f"adapt only {','.join(others)} (train.py --targets {','.join(others)}), or " if others else ""
+    return (f"truncation raises the loss by {increase:+.3f} nats before training; worst: "
+            + ", ".join(f"{row['name']} ({row['delta_loss']:+.3f})" for row in worst)
+            + f". Their smallest singular directions are not noise for this model. To keep them, {retarget}"
+            "switch truncation off (apply_kasa(..., truncation=0); train.py --truncation 0). "
+            "KaSA still runs as configured.")
+
+
+def format_truncation_report(report: dict, top: int = 10) -> str:
+    """The report as a plain-text table, worst layers first, then the totals and any warning."""
+    rows = report["layers"]
+    width = max(len("layer"), *(len(row["name"]) for row in rows[:top]))
+    lines = ["KaSA truncation report (Δloss: the loss change when only that layer is truncated)",
+             f"{'layer':<{width}}  {'dropped σ (count)':<22}  {'energy':>9}  {'Δloss':>8}"]
+    for row in rows[:top]:
+        sigma = row["dropped_sigma"]
+        dropped = ("none (truncation 0)" if not sigma else f"{sigma[0]:.3g}" if len(sigma) == 1
+                   else f"{sigma[0]:.3g} .. {sigma[-1]:.3g} ({len(sigma)})")
+        lines.append(f"{row['name']:<{width}}  {dropped:<22}  {100 * row['energy_share']:>8.2g}%  "
+                     f"{row['delta_loss']:>+8.4f}")
+    if len(rows) > top:
+        lines.append(f"... {len(rows) - top} more layers")
+    lines.append(f"loss {report['loss_original']:.4f} (original) -> {report['loss_truncated']:.4f} (truncated), "
+                 f"{report['loss_truncated'] - report['loss_original']:+.4f}; the per-layer Δloss add up to "
+                 f"{sum(row['delta_loss'] for row in rows):+.4f}")
+    if report["warning"]:
+        lines.append("WARNING: " + report["warning"])
+    return "\n".join(lines)
 
 
 def _self_test():

@@ -1,0 +1,93 @@
+"""train.py end to end on a tiny random GPT-2 with the real GPT-2 tokenizer and real E2E rows. Offline."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import kasa
+import train
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A random 2-layer GPT-2 in Hugging Face layout, with the real GPT-2 BPE files beside it."""
+    from conftest import SHARED_DATA
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=128, n_embd=32, n_layer=2, n_head=2)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
+    for name in ("vocab.json", "vocab.bpe"):
+        shutil.copy(SHARED_DATA / "gpt2-tokenizer" / name, path / name)
+    return path
+
+
+def run_args(model_dir, shared_data, out_dir, *extra):
+    return ["--model", str(model_dir), "--data-dir", str(shared_data / "e2e"), "--out-dir", str(out_dir),
+            "--max-train-examples", "48", "--batch-size", "4", "--warmup-steps", "2", "--lr", "1e-2",
+            "--log-every", "1", "--max-len", "64", *extra]
+
+
+def test_resume_continues_exactly_and_nan_keeps_last_checkpoint(tiny_gpt2_dir, shared_data, tmp_path, monkeypatch):
+    args = ["--max-steps", "8", "--save-every", "3", "--no-eval", "--grad-accum", "2"]
+    train.main(run_args(tiny_gpt2_dir, shared_data, tmp_path / "full", *args))
+    full = json.loads((tmp_path / "full" / "history.json").read_text())
+    assert len(full) == 8 and full[-1]["loss"] < full[0]["loss"]
+
+    # Interrupt a second run with a NaN loss at step 7: it must stop with a clear error and leave
+    # the step-6 checkpoint in place.
+    calls = {"n": 0}
+    make_task = train.TASKS["e2e"]
+
+    def task_with_nan_at_step_7(config, model, tokenizer):
+        task = make_task(config, model, tokenizer)
+        clean_loss = task.loss
+
+        def loss(model, batch):
+            calls["n"] += 1
+            value = clean_loss(model, batch)
+            return value * float("nan") if calls["n"] == 13 else value   # 2 micro-batches per step
+        task.loss = loss
+        return task
+    monkeypatch.setitem(train.TASKS, "e2e", task_with_nan_at_step_7)
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        train.main(run_args(tiny_gpt2_dir, shared_data, tmp_path / "cut", *args))
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 6
+
+    monkeypatch.setitem(train.TASKS, "e2e", make_task)
+    train.main(run_args(tiny_gpt2_dir, shared_data, tmp_path / "cut", *args, "--resume"))
+    resumed = json.loads((tmp_path / "cut" / "history.json").read_text())
+    assert [h["step"] for h in resumed] == list(range(1, 9))
+    for a, b in zip(full, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6), (a, b)
+        assert a["l3"] == pytest.approx(b["l3"], rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lora", "pissa", "milora", "full"])
+def test_baselines_start_from_the_pretrained_function(tiny_gpt2_dir, method):
+    """LoRA adds a zero update; PiSSA/MiLoRA move r triplets from W into the adapter; none changes the
+    model's output at step 0, and restore_base gives back the original weights."""
+    from model import load_pretrained
+    model, _ = load_pretrained(tiny_gpt2_dir)
+    ids = torch.randint(0, 50257, (2, 10))
+    before = model(ids)[0]
+    original = model.blocks[0].attn.q_proj.weight.detach().clone()
+    config = train.TrainConfig(method=method, r=4, alpha=8)
+    names = train.adapt_model(model, config)
+    torch.testing.assert_close(model(ids)[0], before, atol=1e-5, rtol=0)
+    if method == "full":
+        assert names == [] and all(p.requires_grad for p in model.parameters())
+        return
+    layer = model.blocks[0].attn.q_proj
+    torch.testing.assert_close(layer.restore_base().weight, original, atol=1e-6, rtol=0)
+    assert not layer.kasa_sigma.requires_grad
+    if method != "lora":
+        S = torch.linalg.svdvals(original.double())
+        kept = S[4:] if method == "pissa" else S[:-4]
+        torch.testing.assert_close(torch.linalg.svdvals(layer.weight.double())[:len(kept)], kept, atol=1e-5, rtol=0)
+    kasa.merge_kasa(model)
+    torch.testing.assert_close(model(ids)[0], before, atol=1e-5, rtol=0)

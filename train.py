@@ -1,0 +1,403 @@
+"""Fine-tune a language model with KaSA, then decode and score: `python train.py --task e2e`.
+
+A plain PyTorch loop, top to bottom:
+  1. config: the task's preset (the paper's setting), then any flag the user gave
+  2. model: load a pretrained checkpoint, then adapt the target projections (kasa.py), or a
+     baseline (--method lora|pissa|milora|full) on the same loop, data and budget
+  3. data: tokenized examples, a seeded order per epoch (so --resume knows exactly where it was)
+  4. train: AdamW, warmup + linear decay, loss = task + β·L2 + γ·L3 (Eq. 11), gradient
+     accumulation, atomic checkpoints
+  5. evaluate: merge ΔW into W_world (zero added latency), decode the test set, score it (eval.py)
+
+Runs on CUDA when available (bf16 autocast, or fp16 with a GradScaler on GPUs without bf16),
+on the CPU otherwise. A run directory (--out-dir, default runs/<task>) ends up holding:
+  config.json, checkpoint.pt (adapter + optimizer + RNG + data position), adapter.safetensors,
+  history.json (losses), metrics.json, and the task's outputs (E2E: predictions.txt, references.txt).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+import data
+import eval as evaluation
+import kasa
+from model import load_pretrained
+
+# -----------------------------------------------------------------------------
+# 1. Config
+
+
+@dataclass
+class TrainConfig:
+    task: str = "e2e"
+    model: str = "gpt2-medium"            # hub id, local HF dir, or .gguf file
+    data_dir: str = None                  # local data files instead of the download cache
+    data_version: str = "original"        # e2e: original | cleaned
+    out_dir: str = None                   # default: runs/<task>
+    # the adapter (kasa.py)
+    method: str = "kasa"                  # kasa | lora | pissa | milora | full
+    targets: tuple = ("q_proj", "v_proj")  # names, or a preset: qv | qkvo | all (every linear layer in the blocks)
+    r: int = 4
+    alpha: float = 32.0
+    adapter_dropout: float = 0.1
+    truncation: int = None                # triplets dropped per layer; None: r (the paper), 0: no truncation
+    learn_sigma: bool = True              # False: Δσ fixed at 1 (ablation)
+    beta: float = 1e-4                    # weight of L2 = Σ‖Δσ‖²                      (Eq. 11)
+    gamma: float = 1e-3                   # weight of L3 = Σ‖BᵀB − I‖² + ‖AAᵀ − I‖²      (Eq. 11)
+    # optimization
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: int = 5
+    warmup_steps: int = 500
+    label_smoothing: float = 0.1
+    grad_clip: float = 0.0                # 0: no clipping
+    max_steps: int = None                 # stop early (short runs)
+    max_train_examples: int = None
+    max_len: int = 512
+    seed: int = 110
+    # bookkeeping
+    log_every: int = 10
+    save_every: int = 1000
+    resume: bool = False
+    dtype: str = "auto"                   # auto: bf16 (or fp16) autocast on CUDA, float32 on the CPU
+    # evaluation (the LoRA paper's E2E decoding)
+    eval: bool = True
+    num_beams: int = 10
+    length_penalty: float = 0.9
+    no_repeat_ngram_size: int = 4
+    max_new_tokens: int = 64
+    eval_batch_size: int = 8
+    max_eval_examples: int = None         # decode only the first N unique test MRs
+
+
+# The paper's E2E setting: GPT-2 Medium with the LoRA E2E recipe (r=4, α=32, adapter dropout 0.1,
+# lr 2e-4, batch 8, 5 epochs, 500 warmup steps, label smoothing 0.1, weight decay 0.01) and KaSA's
+# β=1e-4, γ=1e-3. These are the TrainConfig defaults; GLUE presets override them.
+PRESETS = {
+    "e2e": {},
+}
+
+METHODS = ("kasa", "lora", "pissa", "milora", "full")
+
+
+def parse_config(argv=None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif f.type is tuple:
+            parser.add_argument(flag, type=lambda s: tuple(t for t in s.split(",") if t), default=None,
+                                help="comma-separated")
+        else:
+            parser.add_argument(flag, type=int if f.type is int else float if f.type is float else str,
+                                default=None)
+    args = parser.parse_args(argv)
+    task = args.task or TrainConfig.task
+    if task not in PRESETS:
+        parser.error(f"unknown task {task!r}; choose one of {sorted(PRESETS)}")
+    if args.method is not None and args.method not in METHODS:
+        parser.error(f"unknown method {args.method!r}; choose one of {list(METHODS)}")
+    values = {**PRESETS[task], **{k: v for k, v in vars(args).items() if v is not None}}
+    config = TrainConfig(**values)
+    config.out_dir = config.out_dir or f"runs/{config.task}"
+    return config
+
+
+# -----------------------------------------------------------------------------
+# 2. Model: which layers to adapt, and how each method adapts them
+
+TARGET_PRESETS = {
+    "qv": ("q_proj", "v_proj"),
+    "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),
+}
+
+
+def resolve_targets(targets: tuple, model: nn.Module) -> tuple:
+    """Target names for apply_kasa; 'all' is every nn.Linear inside the transformer blocks."""
+    if len(targets) == 1 and targets[0] == "all":
+        return tuple(sorted({name.rpartition(".")[2] for name, m in model.named_modules()
+                             if isinstance(m, nn.Linear) and name.startswith("blocks.")}))
+    if len(targets) == 1 and targets[0] in TARGET_PRESETS:
+        return TARGET_PRESETS[targets[0]]
+    return targets
+
+
+@torch.no_grad()
+def init_from_principal_or_minor_components(model: nn.Module, which: str):
+    """PiSSA ('largest') and MiLoRA ('smallest'): start the adapter at the top or bottom r singular
+    triplets of W, and freeze the residual W − U_r Σ_r V_rᵀ as the base.
+
+    Both reuse KaSALinear as a plain LoRA layer (no truncation, σ fixed at 1): scaling · B · A must
+    equal U_r Σ_r V_rᵀ, so B = U_r √(Σ_r / s) and A = √(Σ_r / s) V_rᵀ. The removed part is stored
+    as the layer's dropped triplets, so restore_base() and adapter loading work unchanged.
+    """
+    for _, layer in kasa._kasa_layers(model):
+        W = layer.weight.to(kasa.svd_dtype(layer.weight))
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        part = slice(0, layer.r) if which == "largest" else slice(S.shape[0] - layer.r, S.shape[0])
+        root = (S[part] / layer.scaling).sqrt()
+        layer.kasa_B.copy_(U[:, part] * root)
+        layer.kasa_A.copy_(root[:, None] * Vh[part])
+        layer.kasa_dropped_US = (U[:, part] * S[part]).contiguous()
+        layer.kasa_dropped_Vt = Vh[part].contiguous()
+        layer.weight.copy_(W - layer.kasa_dropped_US @ layer.kasa_dropped_Vt)
+
+
+def adapt_model(model: nn.Module, config: TrainConfig) -> list:
+    """Apply the method to the model; returns the adapted layer names (empty for full fine-tuning)."""
+    if config.method == "full":
+        for p in model.parameters():
+            p.requires_grad = True
+        return []
+    targets = resolve_targets(config.targets, model)
+    switches = {"kasa": dict(truncation=config.truncation, learn_sigma=config.learn_sigma)}.get(
+        config.method, dict(truncation=0, learn_sigma=False))  # LoRA, PiSSA, MiLoRA: no truncation, no σ
+    names = kasa.apply_kasa(model, targets=targets, r=config.r, alpha=config.alpha,
+                            dropout=config.adapter_dropout, **switches)
+    if config.method in ("pissa", "milora"):
+        init_from_principal_or_minor_components(model, "largest" if config.method == "pissa" else "smallest")
+    return names
+
+
+# -----------------------------------------------------------------------------
+# 3. Tasks: what a batch is, its loss, and how the trained model is scored
+
+
+@dataclass
+class Task:
+    train_examples: list                  # whatever `collate` takes, one item per training example
+    collate: Callable                     # list of examples -> dict of tensors
+    loss: Callable                        # (model, batch) -> mean task loss
+    evaluate: Callable                    # (model, out_dir) -> metrics dict
+    probe_batches: list                   # a few fixed batches for the truncation report
+
+
+def e2e_task(config: TrainConfig, model, tokenizer) -> Task:
+    """E2E NLG: LoRA-style (MR, reference) sequences, loss on the reference tokens only."""
+    if tokenizer is None:
+        sys.exit(f"{config.model} ships no tokenizer; E2E needs one (tokenizer.json, vocab.json + merges.txt, "
+                 "or a GGUF with a gpt2-style vocabulary)")
+    eos_id = model.config.eos_token_id
+    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else eos_id
+    paths = data.resolve_e2e_files(config.data_version, config.data_dir)
+    train_path = paths["train"]
+    if train_path is None:
+        train_path = paths["dev"]
+        print(f"note: no E2E training split in {config.data_dir}; training on the dev set "
+              f"({train_path.name}) and evaluating on the test set")
+    train = [data.encode_e2e_example(tokenizer, ex.mr, ex.ref, eos_id, config.max_len)
+             for ex in data.load_e2e_split(train_path)]
+    test_groups = data.group_references(data.load_e2e_split(paths["test"]))
+    if config.max_eval_examples:
+        test_groups = test_groups[:config.max_eval_examples]
+    collate = lambda examples: data.collate_e2e(examples, pad_id=pad_id)  # noqa: E731
+
+    def loss(model, batch):
+        return model(batch["input_ids"], batch["targets"], attention_mask=batch["attention_mask"],
+                     label_smoothing=config.label_smoothing)[1]
+
+    def evaluate(model, out_dir):
+        return evaluation.evaluate_e2e(model, tokenizer, test_groups, eos_id, config, out_dir)
+
+    return Task(train, collate, loss, evaluate, probe_batches=[collate(train[i:i + 8]) for i in (0, 8)])
+
+
+TASKS = {"e2e": e2e_task}
+
+
+# -----------------------------------------------------------------------------
+# Small helpers: atomic files (a crash never leaves half a file), time formatting
+
+
+def save_atomic(obj, path: Path):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_adapter(model: nn.Module, path: Path):
+    from safetensors.torch import save_file
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous().cpu() for k, v in kasa.kasa_state_dict(model).items()}, tmp)
+    os.replace(tmp, path)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    config = parse_config(argv)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+
+    # Device and precision: on CUDA the frozen base is stored in the autocast dtype (half the
+    # memory) while the adapter stays float32; on the CPU everything is float32.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if config.dtype == "auto":
+        amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device == "cuda" else None
+    else:
+        amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
+    base_dtype = amp_dtype if device == "cuda" and amp_dtype is not None and config.method != "full" else torch.float32
+    scaler = torch.amp.GradScaler(device, enabled=amp_dtype == torch.float16)
+
+    # 2. Model: pretrained weights, then the adapter. KaSA's SVD truncation happens here, or, on
+    #    --resume, the saved truncation and adapter are loaded instead (no SVD).
+    model, tokenizer = load_pretrained(config.model, dtype=base_dtype, device=device)
+    checkpoint_path = out_dir / "checkpoint.pt"
+    resumed = None
+    if config.resume:
+        if not checkpoint_path.exists():
+            sys.exit(f"--resume: no checkpoint at {checkpoint_path}; run without --resume to start fresh")
+        resumed = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        if resumed["config"] != {**dataclasses.asdict(config), "resume": False}:
+            changed = {k: v for k, v in dataclasses.asdict(config).items() if resumed["config"].get(k) != v}
+            print(f"note: resuming with changed settings {changed}")
+    task = TASKS[config.task](config, model, tokenizer)
+    replaced = adapt_model(model, config) if resumed is None or config.method == "full" else \
+        kasa.load_kasa_state_dict(model, resumed["adapter"], dropout=config.adapter_dropout)
+    if resumed is not None and config.method == "full":
+        model.load_state_dict(resumed["model"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    print(f"{config.method} on {len(replaced)} layers (r={config.r}, α={config.alpha}): "
+          f"{sum(p.numel() for p in trainable):,} trainable of {model.num_params():,} parameters")
+    write_text_atomic(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
+
+    # 3. Data: each epoch's order is fixed by (seed, epoch), so a resumed run sees exactly the
+    #    batches an uninterrupted one would.
+    train_examples = task.train_examples[:config.max_train_examples or None]
+    batches_per_epoch = math.ceil(len(train_examples) / config.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
+    total_steps = min(config.max_steps or math.inf, steps_per_epoch * config.epochs)
+
+    def micro_batches(start: int):
+        epoch, first = divmod(start, batches_per_epoch)
+        while True:
+            order = torch.randperm(len(train_examples), generator=torch.Generator().manual_seed(config.seed + epoch))
+            for index in range(first, batches_per_epoch):
+                chunk = order[index * config.batch_size:(index + 1) * config.batch_size]
+                yield epoch, task.collate([train_examples[i] for i in chunk])
+            epoch, first = epoch + 1, 0
+
+    # 4. Optimizer and schedule: linear warmup, then linear decay to zero.
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+
+    def lr_factor(step):
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - config.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+    step, history = 0, []
+    if resumed:
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        scaler.load_state_dict(resumed["scaler"])
+        torch.set_rng_state(resumed["rng"]["cpu"])
+        if device == "cuda" and resumed["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(resumed["rng"]["cuda"])
+        step, history = resumed["step"], resumed["history"]
+        print(f"resumed from {checkpoint_path} at step {step}")
+
+    def save_checkpoint():
+        save_atomic({
+            "adapter": kasa.kasa_state_dict(model) if replaced else {},
+            "model": model.state_dict() if config.method == "full" else {},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": {"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if device == "cuda" else None},
+            "step": step,
+            "history": history,
+            "config": {**dataclasses.asdict(config), "resume": False},
+        }, checkpoint_path)
+
+    # 5. Train.
+    regularize = bool(replaced) and (config.beta > 0 or config.gamma > 0)
+    batches = micro_batches(start=step * config.grad_accum)
+    model.train()
+    tokens_seen, start_time, start_step = 0, time.time(), step
+    while step < total_steps:
+        task_loss_sum = 0.0
+        for _ in range(config.grad_accum):
+            epoch, batch = next(batches)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None):
+                task_loss = task.loss(model, batch)
+            l2, l3 = kasa.kasa_regularization(model) if regularize else (torch.zeros(()), torch.zeros(()))
+            # Eq. 11, divided by grad_accum so that the summed gradients equal one big batch's.
+            loss = (task_loss.float() + config.beta * l2 + config.gamma * l3) / config.grad_accum
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"step {step}: the loss is {loss.item()} (task {task_loss.item()}, l2 {l2.item()}, "
+                    f"l3 {l3.item()}); the last good checkpoint is {checkpoint_path}. Try a lower --lr, "
+                    "--grad-clip 1.0, or --dtype float32.")
+            scaler.scale(loss).backward()
+            task_loss_sum += task_loss.item() / config.grad_accum
+            tokens_seen += int(batch["attention_mask"].sum())
+        if config.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        history.append({"step": step, "epoch": epoch, "loss": task_loss_sum, "l2": l2.item(), "l3": l3.item(),
+                        "lr": scheduler.get_last_lr()[0]})
+        if step % config.log_every == 0 or step == total_steps:
+            elapsed = time.time() - start_time
+            eta = elapsed / (step - start_step) * (total_steps - step)
+            print(f"step {step}/{total_steps} | loss {task_loss_sum:.4f} | l2 {l2.item():.3f} | l3 {l3.item():.3f} "
+                  f"| lr {scheduler.get_last_lr()[0]:.2e} | {tokens_seen / elapsed:,.0f} tok/s | "
+                  f"ETA {format_seconds(eta)}", flush=True)
+        if step % config.save_every == 0 or step == total_steps:
+            save_checkpoint()
+    write_text_atomic(out_dir / "history.json", json.dumps(history, indent=1))
+    if replaced:
+        save_adapter(model, out_dir / "adapter.safetensors")
+    print(f"trained {step} steps; checkpoint in {checkpoint_path}")
+
+    # 6. Evaluate: merge ΔW into the weights (zero added latency), decode, score.
+    if not config.eval:
+        return None
+    model.eval()
+    if replaced:
+        kasa.merge_kasa(model)
+    metrics = {**task.evaluate(model, out_dir), "train_steps": step}
+    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    print("\n| metric | value |\n|---|---|")
+    for name, value in metrics.items():
+        print(f"| {name} | {value if not isinstance(value, float) else f'{value:.4f}'} |")
+    print(f"\nmetrics: {out_dir / 'metrics.json'}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
