@@ -1,6 +1,7 @@
 """Generation and task metrics for KaSA experiments.
 
     python eval.py --refs REFS --hyps HYPS      # prints the E2E metrics as JSON
+    python eval.py --plots RUN_DIR              # redraws a training run's PNGs (needs matplotlib)
 
 Metrics: the five scores of the official E2E NLG Challenge scorer (tuetschek/e2e-metrics,
 measure_scores.py), re-implemented here so that they agree with it:
@@ -19,10 +20,208 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
-from data import group_references, load_e2e_split
+import torch
+import torch.nn.functional as F
+
+from data import encode_e2e_context, group_references, load_e2e_split
+
+# =============================================================================
+# Generation: batched beam search with a KV cache
+# =============================================================================
+#
+# The LoRA paper decodes E2E with beam search (10 beams, length penalty 0.9, no repeated 4-grams,
+# at most 64 new tokens); KaSA reuses that setting. The search is the one transformers' `generate`
+# runs with num_beams=K, early_stopping=False, vectorised over (prompts x beams):
+#
+#   1. Every running beam b has a summed log-probability s_b. Its continuations by token t score
+#      s_b + log p(t | beam b), over all K*V (beam, token) pairs of a prompt.
+#   2. Of the K best pairs, those that END the text (eos, or a blank line) become finished
+#      hypotheses, scored (s_b + log p) / new_tokens ** length_penalty, where new_tokens counts
+#      the ending token. A prompt keeps its K best finished hypotheses.
+#   3. The K best pairs that do not end become the next running beams; the KV cache rows are
+#      reordered to follow their parent beams.
+#   4. A prompt is done once it holds K finished hypotheses and its best running beam, scored at
+#      the current length, is no better than the worst of them (transformers' early_stopping=False
+#      heuristic). At max_new_tokens every pair ends. The answer is the best finished hypothesis.
+#
+# One deliberate difference: a repeated n-gram is looked for in the continuation only, as the LoRA
+# and fairseq decoders do. transformers also looks in the prompt, which on E2E forbids copying a
+# 4-token slot value from the MR (" Crowne Plaza Hotel", " 5 out of 5"): 92% of the test set's
+# references do that.
+
+
+@dataclass(frozen=True)
+class BeamSearchConfig:
+    """Decoding settings; the defaults are the LoRA paper's E2E setting."""
+    num_beams: int = 10
+    max_new_tokens: int = 64
+    length_penalty: float = 0.9  # finished score = sum of log-probs / new_tokens ** length_penalty
+    no_repeat_ngram_size: int = 4  # 0: allow repeats
+
+
+# A blank line: a newline, optional spaces or tabs, a newline. Generation stops at one, and the
+# decoded text is cut at the first one (LoRA's E2E decoding stops at GPT-2's "\n\n" token too).
+BLANK_LINE = re.compile(r"\n[^\S\n]*\n")
+
+
+class BlankLineStop:
+    """Token tables that tell, for every beam at once, which next token completes a blank line.
+
+    A blank line may sit inside one token ("\\n\\n", ".\\n\\n") or be spread over several ("\\n",
+    " ", "\\n"), so each beam carries one bit, `line_open`: its text ends with a newline and
+    optional spaces. Token t then completes a blank line if
+        closes[t]                   its own text holds a blank line, or
+        line_open and completes[t]  its text starts with optional spaces and a newline,
+    and afterwards line_open = opens[t] or (line_open and blank[t]): t's text ends with a newline
+    and optional spaces, or t is only spaces (or decodes to nothing) and leaves the bit as it was.
+    """
+
+    def __init__(self, tokenizer, vocab_size: int):
+        known = min(vocab_size, tokenizer.get_vocab_size())
+        texts = tokenizer.decode_batch([[i] for i in range(known)], skip_special_tokens=False)
+        texts += [""] * (vocab_size - known)  # ids the tokenizer lacks (padded embedding rows)
+
+        def table(pattern):
+            return torch.tensor([re.search(pattern, text) is not None for text in texts])
+
+        self.closes = table(BLANK_LINE.pattern)
+        self.completes = table(r"\A[^\S\n]*\n")
+        self.opens = table(r"\n[^\S\n]*\Z")
+        self.blank = table(r"\A[^\S\n]*\Z")
+
+
+def block_repeated_ngrams(log_probs, generated, n: int) -> None:
+    """Set to -inf, in place, every token that would repeat an n-gram of its row's continuation.
+
+    log_probs (R, V); generated (R, L) holds each row's tokens so far. The n-grams seen are
+    generated[i : i + n] for i = 0 .. L - n; a token is banned where its row's last n - 1 tokens
+    equal the first n - 1 of a seen n-gram, and it equals that n-gram's last token.
+    """
+    L = generated.shape[1]
+    if n <= 0 or L < n:
+        return
+    seen = L - n + 1  # number of complete n-grams so far
+    matches = torch.ones(generated.shape[0], seen, dtype=torch.bool, device=generated.device)
+    for j in range(n - 1):  # prefix token j of every seen n-gram vs token j of the current suffix
+        matches &= generated[:, j:j + seen] == generated[:, seen + j:seen + j + 1]
+    rows, starts = matches.nonzero(as_tuple=True)
+    log_probs[rows, generated[rows, starts + n - 1]] = -math.inf
+
+
+@torch.inference_mode()
+def beam_search(model, prompts: list[list[int]], eos_token_id=None, config: BeamSearchConfig = BeamSearchConfig(),
+                blank_line: BlankLineStop | None = None) -> list[list[int]]:
+    """Beam-search all `prompts` (token id lists) as one batch; return each one's best continuation.
+
+    eos_token_id: an id or a list of ids that end a hypothesis; they are left out of the result.
+    blank_line: also end a hypothesis when its text completes a blank line (that token is kept).
+    The batch holds len(prompts) * num_beams rows; `generate_texts` splits many prompts into batches.
+    """
+    if model.training:
+        raise ValueError("beam_search needs the model in eval mode (dropout would make decoding random): "
+                         "call model.eval() first")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("beam_search needs a non-empty list of non-empty prompts")
+    cfg, K, V = config, config.num_beams, model.config.vocab_size
+    width = max(len(p) for p in prompts)
+    if model.pos_emb is not None and width + cfg.max_new_tokens > model.config.max_position:
+        raise ValueError(f"a prompt of {width} tokens + max_new_tokens={cfg.max_new_tokens} exceeds the model's "
+                         f"{model.config.max_position} positions; shorten the prompt or lower max_new_tokens")
+    device = model.lm_head.weight.device
+    eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    # Per-token tables: ends_always[t] ends any hypothesis; ends_on_open_line[t] ends one whose last
+    # line is open (blank so far); opens/blank update that bit. Without blank_line, no line is open.
+    no_token = torch.zeros(V, dtype=torch.bool, device=device)
+    ends_always = no_token.clone()
+    ends_always[eos_ids] = True
+    ends_on_open_line, opens, blank = no_token, no_token, no_token
+    if blank_line is not None:
+        ends_always |= blank_line.closes.to(device)
+        ends_on_open_line, opens, blank = (t.to(device) for t in (blank_line.completes, blank_line.opens, blank_line.blank))
+
+    # Prefill: left-pad the prompts (positions come from the mask), run them once, and give each
+    # prompt's K beams a copy of its cache. Rows are prompt-major: row = prompt * K + beam.
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    cache = model.new_cache(len(prompts), width + cfg.max_new_tokens)
+    hidden = model.hidden_states(ids, attention_mask=mask, cache=cache)[:, -1].repeat_interleave(K, 0)
+    cache.expand(K)
+    mask = mask.repeat_interleave(K, 0)
+
+    prompt_ids = torch.arange(len(prompts), device=device)  # the prompts still searched, in row order
+    running = torch.full((len(prompts), K), -math.inf, device=device)
+    running[:, 0] = 0.0  # the K copies are identical: only one may spawn continuations at first
+    generated = torch.zeros(len(prompts) * K, cfg.max_new_tokens, dtype=torch.long, device=device)
+    line_open = torch.zeros(len(prompts) * K, dtype=torch.bool, device=device)
+    finished = torch.full((len(prompts), K), -math.inf, device=device)  # the K best finished scores
+    best = [[] for _ in prompts]  # tokens of each prompt's best finished hypothesis
+    for step in range(cfg.max_new_tokens):
+        n_prompts = len(prompt_ids)
+        log_probs = F.log_softmax(model.lm_head(hidden).float(), dim=-1)  # (rows, V), fp32 sums
+        block_repeated_ngrams(log_probs, generated[:, :step], cfg.no_repeat_ngram_size)
+        scores = (running[:, :, None] + log_probs.view(n_prompts, K, V)).view(n_prompts, K * V)
+        if step == cfg.max_new_tokens - 1:
+            ends = torch.ones_like(scores, dtype=torch.bool)
+        else:
+            ends = (ends_always | (line_open.view(n_prompts, K, 1) & ends_on_open_line)).view(n_prompts, K * V)
+
+        # Finished hypotheses: the pairs among the K best that end here (step 2).
+        top_scores, top_pairs = scores.topk(K, dim=1)
+        new_length = step + 1
+        candidates = torch.where(ends.gather(1, top_pairs), top_scores / new_length ** cfg.length_penalty, -math.inf)
+        improves = candidates.max(1).values > finished[:, 0]
+        finished = torch.cat([finished, candidates], 1).topk(K, dim=1).values
+        for p in improves.nonzero().flatten().tolist():
+            pair = top_pairs[p, candidates[p].argmax()].item()
+            parent, token = p * K + pair // V, pair % V
+            best[prompt_ids[p].item()] = generated[parent, :step].tolist() + ([] if token in eos_ids else [token])
+        if step == cfg.max_new_tokens - 1:
+            break
+
+        # Running beams: the K best pairs that do not end (step 3); then drop the done prompts (step 4).
+        running, pairs = scores.masked_fill(ends, -math.inf).topk(K, dim=1)
+        done = finished[:, -1] >= running[:, 0] / new_length ** cfg.length_penalty  # -inf while not K finished
+        keep = (~done).nonzero().flatten()
+        if len(keep) == 0:
+            break
+        prompt_ids, running, finished, pairs = prompt_ids[keep], running[keep], finished[keep], pairs[keep]
+        rows = (keep[:, None] * K + pairs // V).flatten()
+        tokens = (pairs % V).flatten()
+        cache.reorder(rows)
+        mask = torch.cat([mask[rows], mask.new_ones(len(rows), 1)], dim=1)
+        generated = generated[rows]
+        generated[:, step] = tokens
+        line_open = opens[tokens] | (line_open[rows] & blank[tokens])
+        hidden = model.hidden_states(tokens[:, None], attention_mask=mask, cache=cache)[:, -1]
+    return best
+
+
+def generate_texts(model, tokenizer, prompts: list[list[int]], eos_token_id=None,
+                   config: BeamSearchConfig = BeamSearchConfig(), batch_size: int = 8,
+                   stop_at_blank_line: bool = True) -> list[str]:
+    """Beam-search every prompt, `batch_size` prompts at a time, and return the decoded continuations,
+    each cut at its first blank line and stripped. Prompts of similar length share a batch (less
+    padding); the results come back in the prompts' order. Progress and ETA go to stderr."""
+    blank_line = BlankLineStop(tokenizer, model.config.vocab_size) if stop_at_blank_line else None
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    texts = [""] * len(prompts)
+    start = time.time()
+    for first in range(0, len(order), batch_size):
+        batch = order[first:first + batch_size]
+        for i, ids in zip(batch, beam_search(model, [prompts[i] for i in batch], eos_token_id, config, blank_line)):
+            texts[i] = BLANK_LINE.split(tokenizer.decode(ids), maxsplit=1)[0].strip()
+        done = first + len(batch)
+        rate = done / (time.time() - start)
+        eta = timedelta(seconds=round((len(prompts) - done) / rate))
+        print(f"decoded {done}/{len(prompts)} prompts | {rate:.2f} prompts/s | ETA {eta}", file=sys.stderr, flush=True)
+    return texts
+
 
 # =============================================================================
 # Metrics
@@ -57,34 +256,48 @@ def tokenize_mteval(text: str) -> list[str]:
 # tokens -lrb- and -rrb- survive). This regex reproduces that tokeniser on English restaurant text:
 # it matches the jar token for token on all 9,031 distinct references of the E2E dev and test sets
 # (original and cleaned).
-_PTB_TOKEN = re.compile(r"""
-      \d+(?:[.,/]\d+)+(?:-[^\W_]+)*             # numbers: 30.99, 1,000, 5/5
-    | (?<![^\W_])-\d+(?:[.,]\d+)*               # signed number after a space or symbol: -25
-    | (?:[^\W\d_]\.){2,}                        # acronyms: u.s., e.g., p.m.
-    | (?i:mr|mrs|ms|dr|st|jr|sr|prof|mt|vs|etc|inc|ltd|co)\.(?=\s)  # titles keep their period
-    | [^\W_]+(?:['\-][^\W_]+)*\.(?=[,;:])       # PTB keeps a period before ,;: ("center.,")
-    | [^\W_]+(?:['\-][^\W_]+)*                  # words, hyphenated words, words with apostrophes
-    | \.\.\. | -- | [?!]+                       # multi-character punctuation
-    | \S                                        # any other symbol
+# A word piece: a number (30.99, 1,000, 3:30, .5), letters joined across . ! ? ("near.It" stays
+# one token, as PTB's WORD does), or letters and digits ("1st"). A thing: pieces joined by hyphens,
+# each optionally after d' o' l' ("O'Brien", "family-friendly", "20-25").
+_PTB_PIECE = r"(?:\d*(?:[.,:]\d+)+|[^\W\d_][^\W_]*(?:[.!?][^\W\d_][^\W_]*)*|[^\W_]+)"
+_PTB_THING = rf"(?:(?i:[dol])['’](?=[^\W_]))?{_PTB_PIECE}(?:[-‐‑](?:(?i:[dol])['’](?=[^\W_]))?{_PTB_PIECE})*"
+_PTB_TOKEN = re.compile(rf"""
+      (?<![^\W_])[-+]\d*(?:[.,:]\d+)+ | (?<![^\W_])[-+]\d+   # signed numbers after a space: -25
+    | [^\W\d_](?:\.[^\W\d_])+\.(?![^\W_])                    # acronyms: u.s., e.g., p.m.
+    | (?i:mr|mrs|ms|dr|st|jr|sr|prof|mt|vs|etc|inc|ltd|co)\.(?!\S)   # titles keep their period
+    | [^\W_]+(?:-[^\W\d_]+){{0,2}}(?:/[^\W_]+(?:-[^\W\d_]+){{0,2}}){{1,2}}  # slashes: and/or, 5/5
+    | (?<![^\W_])(?:n['’]t|['’](?i:s|re|ve|ll|d|m))(?![^\W_])  # clitics already apart: "it 's"
+    | {_PTB_THING}(?:n['’]t|['’](?i:s|re|ve|ll|d|m))(?![^\W_])  # clitic to split: don't, it's
+    | [^\W\d_]+[aeiouyAEIOUY]['’][aeiouA-Z][^\W\d_]*         # vowel'vowel words: ma'am, e'er
+    | {_PTB_THING}\.(?=[,;:])                                # PTB keeps a period before ,;:
+    | {_PTB_THING}
+    | ['’](?i:n['’]?|em|cause|till?|tis|twas|[2-9]0s)(?![^\W_])  # 'n' 'em 'cause '90s 'tis
+    | \.\.\. | -- | [?!]+                                     # multi-character punctuation
+    | \S                                                     # any other symbol
 """, re.VERBOSE)
-_PTB_CLITIC = re.compile(r"(?i)^(.+?)(n't|'s|'re|'ll|'ve|'d|'m)$")  # don't -> do n't
+_PTB_CLITIC = re.compile(r"(?i)^(.+?)(n['’]t|['’](?:s|re|ve|ll|d|m))$")  # don't -> do n't
+# PTB splits a few fused words ("splitAssimilations").
+_PTB_FUSED = re.compile(r"(?i)^(can)(not)$|^(gon|got|wan)(na|ta)$|^(lem|gim)(me)$|^('t)(is|was)$")
 _PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
-# PUNCTUATIONS also lists -LRB- -RRB- -LCB- -RCB-, which never match lowercased tokens. The raw '"'
-# stands in for PTB's `` and '' (both removed), since this tokeniser keeps double quotes as they are.
-_COCO_PUNCTUATION = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";", '"'}
+# PTB's normalizeCurrency: the pound becomes '#', cents 'cents', the euro and generic currency '$'.
+_PTB_CURRENCY = str.maketrans({"£": " # ", "¢": " cents ", "€": " $ ", "¤": " $ "})
+# pycocoevalcap removes its PUNCTUATIONS after tokenising; -LRB- and the like never match the
+# lowercased tokens. PTB writes every kind of quote (straight, curly, guillemet) as `` '' ` ' and
+# dashes and … as -- and ..., all removed; the raw characters stand in for them here.
+_COCO_PUNCTUATION = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";",
+                     '"', "“", "”", "‘", "’", "‛", "«", "»", "‹", "›", "–", "—", "―", "‐", "‑", "‒", "…"}
 
 
 def tokenize_ptb(text: str) -> list[str]:
     """Tokens as the COCO scorers (METEOR, ROUGE-L, CIDEr) see them, lowercased, punctuation gone."""
-    # PTB normalizeCurrency turns the pound sign into its own token '#'.
-    text = text.replace("\n", " ").replace("£", " # ").replace('"', ' " ')
+    text = text.replace("\n", " ").translate(_PTB_CURRENCY)
     tokens = []
     for token in _PTB_TOKEN.findall(text):
-        clitic = _PTB_CLITIC.match(token)
-        if token.lower() == "cannot":
-            tokens += [token[:3], token[3:]]
-        elif clitic:
-            tokens += [clitic.group(1), clitic.group(2)]
+        split = _PTB_CLITIC.match(token) or _PTB_FUSED.match(token)
+        if split:
+            tokens += [part.replace("’", "'") for part in split.groups() if part]
+        elif re.fullmatch(r"(?i)['’][sdm]|['’](?:re|ve|ll)|n['’]t", token):
+            tokens.append(token.replace("’", "'"))
         else:
             tokens.append(_PTB_BRACKETS.get(token, token))
     return [t for t in (t.lower() for t in tokens) if t not in _COCO_PUNCTUATION]
@@ -379,22 +592,208 @@ def read_references(path) -> list[list[str]]:
 
 
 # =============================================================================
+# E2E evaluation: decode every test MR, write the official file formats, score
+# =============================================================================
+
+
+def evaluate_e2e(model, tokenizer, groups: list[tuple[str, list[str]]], eos_token_id, out_dir,
+                 beam: BeamSearchConfig = BeamSearchConfig(), batch_size: int = 8) -> dict:
+    """Beam-search one output per unique MR, write predictions.txt and references.txt in the
+    e2e-metrics formats (one output per line; reference groups separated by blank lines), and
+    return the five metrics. `groups` is data.group_references(...) of the test split. The
+    caller merges the adapter first, so decoding runs at the base model's speed."""
+    out_dir = Path(out_dir)
+    prompts = [encode_e2e_context(tokenizer, mr, eos_token_id) for mr, _ in groups]
+    hyps = generate_texts(model, tokenizer, prompts, eos_token_id, beam, batch_size)
+    write_hypotheses(out_dir / "predictions.txt", hyps)
+    write_multi_references(out_dir / "references.txt", [refs for _, refs in groups])
+    return {**e2e_metrics(hyps, [refs for _, refs in groups]), "eval_mrs": len(groups)}
+
+
+def load_run(run_dir, device="cpu"):
+    """(model, tokenizer, config dict) of a finished training run: the pretrained model named in
+    RUN_DIR/config.json with RUN_DIR/adapter.safetensors loaded and merged (no SVD is run)."""
+    from safetensors.torch import load_file
+
+    import kasa
+    from model import load_pretrained
+    run_dir = Path(run_dir)
+    for name in ("config.json", "adapter.safetensors"):
+        if not (run_dir / name).exists():
+            raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} the --out-dir of a finished "
+                                    "train.py run?")
+    config = json.loads((run_dir / "config.json").read_text())
+    model, tokenizer = load_pretrained(config["model"], device=device)
+    kasa.load_kasa_state_dict(model, load_file(run_dir / "adapter.safetensors", device=str(device)))
+    kasa.merge_kasa(model)
+    return model.eval(), tokenizer, config
+
+
+def evaluate_run(run_dir) -> dict:
+    """`python eval.py --task e2e --checkpoint RUN_DIR`: decode and score with a run's own settings."""
+    from data import resolve_e2e_files
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer, config = load_run(run_dir, device)
+    eos_id = model.config.eos_token_id
+    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+    test = resolve_e2e_files(config["data_version"], config["data_dir"])["test"]
+    groups = group_references(load_e2e_split(test))[:config["max_eval_examples"] or None]
+    beam = BeamSearchConfig(config["num_beams"], config["max_new_tokens"], config["length_penalty"],
+                            config["no_repeat_ngram_size"])
+    metrics = evaluate_e2e(model, tokenizer, groups, eos_id, run_dir, beam, config["eval_batch_size"])
+    print(json.dumps(metrics, indent=2))
+    return metrics
+
+
+# =============================================================================
+# Plots of a training run (matplotlib is optional: without it, nothing is drawn)
+# =============================================================================
+
+
+def write_plots(run_dir) -> list[Path]:
+    """Draw the PNGs of a training run into RUN_DIR/plots from the files the run left in RUN_DIR.
+
+      loss_curves.png  task loss, L2 and L3 per step                    from history.json
+      delta_sigma.png  the learned Δσ (kasa_sigma), layers × r          from adapter.safetensors
+                       (the paper's figure 5)
+      spectrum.png     kept vs dropped singular values of the layers
+                       whose truncation cost the most loss              from truncation_report.json
+    A plot whose input is missing is skipped with a one-line message. Returns the written paths.
+    """
+    try:
+        from matplotlib.figure import Figure       # no pyplot: no GUI backend, no global state
+    except ImportError:
+        print("matplotlib is not installed: skipped the plots (loss curves, Δσ heat map, spectrum); "
+              "`pip install matplotlib`, then `python eval.py --plots RUN_DIR` draws them")
+        return []
+    run_dir = Path(run_dir)
+    written = []
+    for name, source, draw in [("loss_curves.png", "history.json", _plot_loss_curves),
+                               ("delta_sigma.png", "adapter.safetensors", _plot_delta_sigma),
+                               ("spectrum.png", "truncation_report.json", _plot_spectrum)]:
+        if not (run_dir / source).is_file():
+            print(f"skipped {name}: {run_dir / source} does not exist")
+            continue
+        figure = Figure(layout="constrained")
+        draw(figure, run_dir / source)
+        path = run_dir / "plots" / name
+        path.parent.mkdir(exist_ok=True)
+        temporary = path.with_name(path.name + ".tmp")
+        figure.savefig(temporary, format="png", dpi=120)
+        os.replace(temporary, path)
+        written.append(path)
+    return written
+
+
+def _plot_loss_curves(figure, history_path: Path):
+    import numpy as np
+    history = json.loads(history_path.read_text())
+    if not history:
+        raise ValueError(f"{history_path} holds no steps: did the run train at all?")
+    steps = np.array([entry["step"] for entry in history])
+    figure.set_size_inches(13, 3.5)
+    panels = [("loss", "task loss"), ("l2", r"$L_2 = \sum\,\|\Delta\sigma\|^2$"),
+              ("l3", r"$L_3 = \sum\,\|B^\top B - I\|^2 + \|AA^\top - I\|^2$")]
+    for axes, (key, title) in zip(figure.subplots(1, 3), panels):
+        values = np.array([entry[key] for entry in history], dtype=float)
+        window = len(values) // 50                 # per-step values are noisy: add a running mean
+        axes.plot(steps, values, lw=0.8, alpha=0.35 if window > 1 else 1.0)
+        if window > 1:
+            axes.plot(steps[window - 1:], np.convolve(values, np.ones(window) / window, "valid"),
+                      lw=1.5, color="tab:blue", label=f"mean of {window} steps")
+            axes.legend()
+        axes.set(title=title, xlabel="step")
+
+
+def _plot_delta_sigma(figure, adapter_path: Path):
+    """One heat map per projection kind (q_proj, v_proj, ...): a row per layer, a column per Δσ_i."""
+    import numpy as np
+    from safetensors import safe_open
+    with safe_open(adapter_path, framework="numpy") as f:
+        sigma = {key.removesuffix(".kasa_sigma"): f.get_tensor(key) for key in f.keys() if key.endswith(".kasa_sigma")}
+    if not sigma:
+        raise ValueError(f"{adapter_path} holds no '<layer>.kasa_sigma' tensors: is it a kasa_state_dict?")
+    by_kind = {}
+    for name in sorted(sigma, key=_layer_order):
+        by_kind.setdefault(name.rpartition(".")[2], []).append(name)
+    rows = max(len(names) for names in by_kind.values())
+    r = max(len(values) for values in sigma.values())
+    figure.set_size_inches(1.5 + len(by_kind) * (1.2 + 0.35 * r), 1.2 + 0.16 * rows)
+    limit = max(float(np.abs(values).max()) for values in sigma.values())
+    panels = figure.subplots(1, len(by_kind), squeeze=False)[0]
+    for axes, (kind, names) in zip(panels, sorted(by_kind.items())):
+        grid = np.full((len(names), r), np.nan)
+        for row, name in enumerate(names):
+            grid[row, :len(sigma[name])] = sigma[name]
+        image = axes.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
+        axes.set_yticks(range(len(names)), [_short_layer_name(name) for name in names], fontsize=7)
+        axes.set_xticks(range(r), [str(i + 1) for i in range(r)])
+        axes.set(title=rf"$\Delta\sigma$ of {kind}", xlabel="i")
+    figure.colorbar(image, ax=panels, label=r"$\Delta\sigma_i$")
+
+
+def _plot_spectrum(figure, report_path: Path, worst: int = 4):
+    """The singular values of the layers that lost the most, kept (line) and dropped (dots)."""
+    report = json.loads(report_path.read_text())
+    rows = report["layers"][:worst]                # the report lists the worst layers first
+    figure.set_size_inches(1 + 3.6 * len(rows), 3.4)
+    figure.suptitle(f"loss {report['loss_original']:.3f} (original) -> {report['loss_truncated']:.3f} "
+                    "(truncated); Δloss: this layer truncated alone")
+    for axes, row in zip(figure.subplots(1, len(rows), squeeze=False)[0], rows):
+        kept, dropped = row["kept_sigma"], row["dropped_sigma"]
+        axes.semilogy(range(1, len(kept) + 1), kept, lw=1.2, label="kept (W_world)")
+        axes.semilogy(range(len(kept) + 1, len(kept) + len(dropped) + 1), dropped, "o", ms=4,
+                      color="tab:red", label=f"dropped ({len(dropped)}): {100 * row['energy_share']:.2g}% of ‖W‖²")
+        axes.set(title=f"{_short_layer_name(row['name'])}: Δloss {row['delta_loss']:+.3f}", xlabel="i",
+                 ylabel=r"$\sigma_i$")
+        axes.legend(fontsize=8)
+
+
+def _layer_order(name: str):
+    """Block number first, so that blocks.10 comes after blocks.9."""
+    numbers = [int(part) for part in name.split(".") if part.isdigit()]
+    return (numbers[-1] if numbers else -1, name)
+
+
+def _short_layer_name(name: str) -> str:
+    """'blocks.12.attn.v_proj' -> '12.v_proj'."""
+    numbers = [part for part in name.split(".") if part.isdigit()]
+    return f"{numbers[-1]}.{name.rpartition('.')[2]}" if numbers else name
+
+
+# =============================================================================
 # Command line
 # =============================================================================
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Score E2E NLG outputs with the official metrics.")
-    parser.add_argument("--refs", required=True,
+    parser.add_argument("--refs",
                         help="references: text with one group of lines per output, groups "
                              "separated by a blank line; or an E2E CSV with mr,ref columns")
     parser.add_argument("--hyps", help="system outputs, one line per MR in the references' order")
+    parser.add_argument("--checkpoint", metavar="RUN_DIR",
+                        help="instead of reading --hyps, decode the test set with a train.py run's merged "
+                             "adapter and score it (writes predictions.txt, references.txt, metrics.json there)")
+    parser.add_argument("--task", default="e2e", choices=["e2e"], help="the task of --checkpoint")
+    parser.add_argument("--plots", metavar="RUN_DIR",
+                        help="instead of scoring, redraw a training run's PNGs into RUN_DIR/plots "
+                             "(loss curves, Δσ heat map, kept vs dropped spectrum)")
     return parser
 
 
 def main(argv=None) -> dict:
     parser = build_arg_parser()
     args = parser.parse_args(argv)
+    if args.plots:
+        paths = write_plots(args.plots)
+        for path in paths:
+            print(f"wrote {path}")
+        return {"plots": [str(path) for path in paths]}
+    if args.checkpoint:
+        return evaluate_run(args.checkpoint)
+    if args.refs is None:
+        parser.error("give --refs (the references to score against), --checkpoint RUN_DIR, or --plots RUN_DIR")
     refs = read_references(args.refs)
     # Hypotheses come from a file; decoding a checkpoint into hypotheses plugs in here.
     if args.hyps is None:

@@ -1,4 +1,5 @@
-"""Fine-tune a language model with KaSA, then decode and score: `python train.py --task e2e`.
+"""Fine-tune a language model with KaSA, then decode and score: `python train.py --task e2e`,
+or classify: `python train.py --task sst2` (GLUE: cola, sst2, mrpc, qnli, rte, stsb).
 
 A plain PyTorch loop, top to bottom:
   1. config: the task's preset (the paper's setting), then any flag the user gave
@@ -7,12 +8,14 @@ A plain PyTorch loop, top to bottom:
   3. data: tokenized examples, a seeded order per epoch (so --resume knows exactly where it was)
   4. train: AdamW, warmup + linear decay, loss = task + β·L2 + γ·L3 (Eq. 11), gradient
      accumulation, atomic checkpoints
-  5. evaluate: merge ΔW into W_world (zero added latency), decode the test set, score it (eval.py)
+  5. evaluate: merge ΔW into W_world (zero added latency), decode the test set, score it (eval.py);
+     GLUE scores its dev set after every epoch too, and reports the final and the best epoch
 
 Runs on CUDA when available (bf16 autocast, or fp16 with a GradScaler on GPUs without bf16),
 on the CPU otherwise. A run directory (--out-dir, default runs/<task>) ends up holding:
   config.json, checkpoint.pt (adapter + optimizer + RNG + data position), adapter.safetensors,
-  history.json (losses), metrics.json, and the task's outputs (E2E: predictions.txt, references.txt).
+  history.json (losses), metrics.json, and the task's outputs (E2E: predictions.txt, references.txt;
+  GLUE: head.safetensors, the classification head, and dev_predictions.tsv).
 """
 import argparse
 import dataclasses
@@ -27,11 +30,12 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import data
 import eval as evaluation
 import kasa
-from model import load_pretrained
+from model import ClassificationHead, load_pretrained
 
 # -----------------------------------------------------------------------------
 # 1. Config
@@ -61,6 +65,7 @@ class TrainConfig:
     grad_accum: int = 1
     epochs: int = 5
     warmup_steps: int = 500
+    warmup_ratio: float = 0.0             # > 0: warm up over this fraction of all steps instead (GLUE: 0.06)
     label_smoothing: float = 0.1
     grad_clip: float = 0.0                # 0: no clipping
     max_steps: int = None                 # stop early (short runs)
@@ -79,7 +84,7 @@ class TrainConfig:
     no_repeat_ngram_size: int = 4
     max_new_tokens: int = 64
     eval_batch_size: int = 8
-    max_eval_examples: int = None         # decode only the first N unique test MRs
+    max_eval_examples: int = None         # decode only the first N unique test MRs (GLUE: score the first N dev rows)
 
 
 # The paper's E2E setting: GPT-2 Medium with the LoRA E2E recipe (r=4, α=32, adapter dropout 0.1,
@@ -88,6 +93,29 @@ class TrainConfig:
 PRESETS = {
     "e2e": {},
 }
+
+
+def glue_preset(lr: float, batch_size: int, epochs: int, beta: float, gamma: float) -> dict:
+    """The official KaSA GLUE scripts (juyongjiang/KaSA, runs/roberta_base_<task>.sh, RoBERTa-base):
+    r=8, α=16 on the query and value projections, no dropout, no weight decay, one lr for the adapter
+    and the head, 6% linear warmup then linear decay, max length 512, seed 0; per task the lr, batch,
+    epochs, β and γ. Their backbone is an encoder; ours are decoders, so the default model is GPT-2
+    small (124M parameters, RoBERTa-base has 125M) with the head on the last token. Their β and γ were
+    tuned for the official code's regularizer (d×d Gram matrices, unsquared norms, the sum divided by
+    the number of layers), not for the paper's form used here: see the README's GLUE section."""
+    return dict(model="gpt2", r=8, alpha=16.0, adapter_dropout=0.0, weight_decay=0.0, warmup_ratio=0.06,
+                label_smoothing=0.0, max_len=512, seed=0, eval_batch_size=32,
+                lr=lr, batch_size=batch_size, epochs=epochs, beta=beta, gamma=gamma)
+
+
+PRESETS.update({
+    "sst2": glue_preset(lr=5e-4, batch_size=128, epochs=100, beta=1e-4, gamma=1e-3),
+    "mrpc": glue_preset(lr=4e-4, batch_size=32, epochs=100, beta=1e-1, gamma=1e-3),
+    "cola": glue_preset(lr=4e-4, batch_size=32, epochs=100, beta=1e-4, gamma=1e-3),
+    "qnli": glue_preset(lr=4e-4, batch_size=32, epochs=10, beta=1e-2, gamma=1e-5),
+    "rte": glue_preset(lr=4e-4, batch_size=32, epochs=100, beta=0.24, gamma=2.4e-4),
+    "stsb": glue_preset(lr=3e-4, batch_size=32, epochs=40, beta=1e-4, gamma=1e-5),
+})
 
 METHODS = ("kasa", "lora", "pissa", "milora", "full")
 
@@ -183,6 +211,8 @@ class Task:
     loss: Callable                        # (model, batch) -> mean task loss
     evaluate: Callable                    # (model, out_dir) -> metrics dict
     probe_batches: list                   # a few fixed batches for the truncation report
+    head: nn.Module = None                # a task head (GLUE): trains with the adapter, saved beside it
+    select_by: str = None                 # set: score after every epoch, report the final and the best by this metric
 
 
 def e2e_task(config: TrainConfig, model, tokenizer) -> Task:
@@ -210,13 +240,70 @@ def e2e_task(config: TrainConfig, model, tokenizer) -> Task:
         return model(batch["input_ids"], batch["targets"], attention_mask=batch["attention_mask"],
                      label_smoothing=config.label_smoothing)[1]
 
+    beam = evaluation.BeamSearchConfig(config.num_beams, config.max_new_tokens, config.length_penalty,
+                                       config.no_repeat_ngram_size)
+
     def evaluate(model, out_dir):
-        return evaluation.evaluate_e2e(model, tokenizer, test_groups, eos_id, config, out_dir)
+        return evaluation.evaluate_e2e(model, tokenizer, test_groups, eos_id, out_dir, beam, config.eval_batch_size)
 
     return Task(train, collate, loss, evaluate, probe_batches=[collate(train[i:i + 8]) for i in (0, 8)])
 
 
-TASKS = {"e2e": e2e_task}
+# The metric that picks the best epoch, as in the official KaSA GLUE script.
+GLUE_SELECT_BY = {"cola": "matthews", "sst2": "accuracy", "mrpc": "accuracy", "qnli": "accuracy",
+                  "rte": "accuracy", "stsb": "pearson"}
+
+
+def glue_task(config: TrainConfig, model, tokenizer) -> Task:
+    """GLUE: a sentence (or pair) -> class scores with cross-entropy, or for STS-B one similarity
+    score with MSE, from a linear head on the last real token; scored on the dev set."""
+    if tokenizer is None:
+        sys.exit(f"{config.model} ships no tokenizer; GLUE needs one (tokenizer.json, vocab.json + merges.txt, "
+                 "or a GGUF with a gpt2-style vocabulary)")
+    spec = data.glue_spec(config.task)
+    eos_id = model.config.eos_token_id
+    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+    # GPT-2 has no pad token, so pad with eos: padding never matters, as the attention mask hides it
+    # and the head reads the last position where the mask is 1. eos also separates a pair's sentences.
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else eos_id
+    paths = data.resolve_glue_files(config.task, config.data_dir)
+
+    def encode(split):
+        examples = data.load_glue_split(config.task, paths[split])
+        return list(zip(data.encode_glue_examples(tokenizer, examples, eos_id, config.max_len),
+                        [ex.label for ex in examples]))
+    train, dev = encode("train"), encode("dev")[:config.max_eval_examples or None]
+    regression = spec.label_names is None
+    device = model.tok_emb.weight.device
+    head = ClassificationHead(model.config.d_model, 1 if regression else len(spec.label_names)).to(device)
+    collate = lambda examples: data.collate_glue(examples, pad_id=pad_id)  # noqa: E731
+
+    def scores(model, batch):
+        hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"])
+        return head(hidden, batch["attention_mask"]).float()
+
+    def loss(model, batch):
+        if regression:
+            return F.mse_loss(scores(model, batch).squeeze(-1), batch["labels"])
+        return F.cross_entropy(scores(model, batch), batch["labels"], label_smoothing=config.label_smoothing)
+
+    @torch.no_grad()
+    def evaluate(model, out_dir):
+        predictions = []
+        for start in range(0, len(dev), config.eval_batch_size):
+            batch = {k: v.to(device) for k, v in collate(dev[start:start + config.eval_batch_size]).items()}
+            batch_scores = scores(model, batch)
+            predictions += (batch_scores.squeeze(-1) if regression else batch_scores.argmax(-1)).tolist()
+        labels = [label for _, label in dev]
+        write_text_atomic(out_dir / "dev_predictions.tsv", "prediction\tlabel\n" + "".join(
+            f"{prediction}\t{label}\n" for prediction, label in zip(predictions, labels)))
+        return evaluation.glue_metrics(config.task, predictions, labels)
+
+    return Task(train, collate, loss, evaluate, probe_batches=[collate(train[i:i + 8]) for i in (0, 8)],
+                head=head, select_by=GLUE_SELECT_BY[config.task])
+
+
+TASKS = {"e2e": e2e_task, **{task: glue_task for task in data.GLUE_TASKS}}
 
 
 # -----------------------------------------------------------------------------
@@ -235,10 +322,10 @@ def write_text_atomic(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def save_adapter(model: nn.Module, path: Path):
+def save_safetensors(tensors: dict, path: Path):
     from safetensors.torch import save_file
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous().cpu() for k, v in kasa.kasa_state_dict(model).items()}, tmp)
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
     os.replace(tmp, path)
 
 
@@ -284,6 +371,10 @@ def main(argv=None):
     if resumed is not None and config.method == "full":
         model.load_state_dict(resumed["model"])
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if task.head is not None:  # outside the model, so apply_kasa's freezing leaves it trainable
+        if resumed is not None:
+            task.head.load_state_dict(resumed["head"])
+        trainable += list(task.head.parameters())
     print(f"{config.method} on {len(replaced)} layers (r={config.r}, α={config.alpha}): "
           f"{sum(p.numel() for p in trainable):,} trainable of {model.num_params():,} parameters")
     write_text_atomic(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
@@ -307,13 +398,15 @@ def main(argv=None):
     # 4. Optimizer and schedule: linear warmup, then linear decay to zero.
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
 
+    warmup_steps = round(config.warmup_ratio * total_steps) if config.warmup_ratio > 0 else config.warmup_steps
+
     def lr_factor(step):
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - config.warmup_steps))
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
-    step, history = 0, []
+    step, history, evaluations = 0, [], []  # evaluations: the dev scores after each epoch (tasks with select_by)
     if resumed:
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
@@ -321,13 +414,14 @@ def main(argv=None):
         torch.set_rng_state(resumed["rng"]["cpu"])
         if device == "cuda" and resumed["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(resumed["rng"]["cuda"])
-        step, history = resumed["step"], resumed["history"]
+        step, history, evaluations = resumed["step"], resumed["history"], resumed.get("evaluations", [])
         print(f"resumed from {checkpoint_path} at step {step}")
 
     def save_checkpoint():
         save_atomic({
             "adapter": kasa.kasa_state_dict(model) if replaced else {},
             "model": model.state_dict() if config.method == "full" else {},
+            "head": task.head.state_dict() if task.head is not None else {},
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
@@ -335,8 +429,13 @@ def main(argv=None):
                     "cuda": torch.cuda.get_rng_state() if device == "cuda" else None},
             "step": step,
             "history": history,
+            "evaluations": evaluations,
             "config": {**dataclasses.asdict(config), "resume": False},
         }, checkpoint_path)
+
+    def score() -> dict:
+        """The task's metrics for the model as it is now, labelled with the epochs trained so far."""
+        return {**task.evaluate(model, out_dir), "epoch": round(step / steps_per_epoch, 2)}
 
     # 5. Train.
     regularize = bool(replaced) and (config.beta > 0 or config.gamma > 0)
@@ -377,11 +476,18 @@ def main(argv=None):
             print(f"step {step}/{total_steps} | loss {task_loss_sum:.4f} | l2 {l2.item():.3f} | l3 {l3.item():.3f} "
                   f"| lr {scheduler.get_last_lr()[0]:.2e} | {tokens_seen / elapsed:,.0f} tok/s | "
                   f"ETA {format_seconds(eta)}", flush=True)
+        if config.eval and task.select_by and step % steps_per_epoch == 0 and step < total_steps:
+            model.eval()  # the last epoch is scored below, on the merged model
+            evaluations.append(score())
+            model.train()
+            print(f"dev after epoch {evaluations[-1]['epoch']:g}: {evaluations[-1]}", flush=True)
         if step % config.save_every == 0 or step == total_steps:
             save_checkpoint()
     write_text_atomic(out_dir / "history.json", json.dumps(history, indent=1))
     if replaced:
-        save_adapter(model, out_dir / "adapter.safetensors")
+        save_safetensors(kasa.kasa_state_dict(model), out_dir / "adapter.safetensors")
+    if task.head is not None:
+        save_safetensors(task.head.state_dict(), out_dir / "head.safetensors")
     print(f"trained {step} steps; checkpoint in {checkpoint_path}")
 
     # 6. Evaluate: merge ΔW into the weights (zero added latency), decode, score.
@@ -390,7 +496,11 @@ def main(argv=None):
     model.eval()
     if replaced:
         kasa.merge_kasa(model)
-    metrics = {**task.evaluate(model, out_dir), "train_steps": step}
+    metrics = final = score()
+    if task.select_by:  # the final epoch and the best one, each with its epoch (the paper reports the best)
+        best = max(evaluations + [final], key=lambda scores: scores[task.select_by])
+        metrics = {**{f"final_{k}": v for k, v in final.items()}, **{f"best_{k}": v for k, v in best.items()}}
+    metrics["train_steps"] = step
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     print("\n| metric | value |\n|---|---|")
     for name, value in metrics.items():

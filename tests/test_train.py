@@ -91,3 +91,25 @@ def test_baselines_start_from_the_pretrained_function(tiny_gpt2_dir, method):
         torch.testing.assert_close(torch.linalg.svdvals(layer.weight.double())[:len(kept)], kept, atol=1e-5, rtol=0)
     kasa.merge_kasa(model)
     torch.testing.assert_close(model(ids)[0], before, atol=1e-5, rtol=0)
+
+
+def test_e2e_end_to_end_train_decode_score(tiny_gpt2_dir, shared_data, tmp_path):
+    """A few steps on real E2E rows, then the merged model beam-searches a few test MRs and is scored;
+    eval.py --checkpoint on the run dir reproduces the same outputs from the saved adapter."""
+    import eval as evaluation
+    out = tmp_path / "run"
+    metrics = train.main(run_args(tiny_gpt2_dir, shared_data, out, "--max-steps", "4", "--max-eval-examples", "5",
+                                  "--num-beams", "3", "--max-new-tokens", "8", "--eval-batch-size", "2"))
+    assert set(metrics) >= {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"} and metrics["train_steps"] == 4
+    assert metrics["eval_mrs"] == 5 and 0 <= metrics["BLEU"] <= 1
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    predictions = (out / "predictions.txt").read_text(encoding="utf-8").splitlines()
+    references = evaluation.read_multi_references(out / "references.txt")
+    test_groups = evaluation.group_references(evaluation.load_e2e_split(
+        shared_data / "e2e" / "original" / "testset_w_refs.csv"))[:5]
+    assert len(predictions) == 5 and references == [refs for _, refs in test_groups]
+    assert evaluation.bleu_score(predictions, references) == metrics["BLEU"]
+
+    again = evaluation.main(["--task", "e2e", "--checkpoint", str(out)])
+    assert (out / "predictions.txt").read_text(encoding="utf-8").splitlines() == predictions
+    assert again["BLEU"] == metrics["BLEU"]
