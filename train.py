@@ -268,11 +268,11 @@ def glue_task(config: TrainConfig, model, tokenizer) -> Task:
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else eos_id
     paths = data.resolve_glue_files(config.task, config.data_dir)
 
-    def encode(split):
-        examples = data.load_glue_split(config.task, paths[split])
+    def encode(split, limit):  # tokenize only the rows that will be used (SST-2 has 67k)
+        examples = data.load_glue_split(config.task, paths[split])[:limit or None]
         return list(zip(data.encode_glue_examples(tokenizer, examples, eos_id, config.max_len),
                         [ex.label for ex in examples]))
-    train, dev = encode("train"), encode("dev")[:config.max_eval_examples or None]
+    train, dev = encode("train", config.max_train_examples), encode("dev", config.max_eval_examples)
     regression = spec.label_names is None
     device = model.tok_emb.weight.device
     head = ClassificationHead(model.config.d_model, 1 if regression else len(spec.label_names)).to(device)
@@ -384,7 +384,7 @@ def main(argv=None):
     train_examples = task.train_examples[:config.max_train_examples or None]
     batches_per_epoch = math.ceil(len(train_examples) / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
-    total_steps = min(config.max_steps or math.inf, steps_per_epoch * config.epochs)
+    total_steps = min(math.inf if config.max_steps is None else config.max_steps, steps_per_epoch * config.epochs)
 
     def micro_batches(start: int):
         epoch, first = divmod(start, batches_per_epoch)
