@@ -15,15 +15,18 @@ both families (GPT-2's fused Conv1D c_attn is split at load time), so KaSA adapt
 same names everywhere.
 
 Reading order: config -> norm/RoPE -> attention + KV cache -> MLP -> block -> model ->
-loading (HF dirs, hub ids, GGUF) -> tokenizer.
+loading (HF dirs, hub ids, GGUF) -> tokenizer -> export (HF checkpoint, PEFT adapter).
 
 Interface used by the rest of the project:
 
     model, tokenizer = load_pretrained("path/or/hub-id/or/file.gguf", dtype=torch.bfloat16)
     logits, loss = model(input_ids, targets)       # targets already shifted by the caller
     h = model.hidden_states(input_ids, attention_mask)               # (B, T, d), final-normed
+    scores = ClassificationHead(d_model, num_labels)(h, attention_mask)  # GLUE: reads the last real token
     cache = model.new_cache(batch_size, max_len)   # then model(new_ids, attention_mask=..., cache=cache)
     out = model.generate(input_ids, max_new_tokens, eos_token_id, attention_mask)
+    save_hf_checkpoint(model, tokenizer, "out/hf")    # merged weights, for transformers' from_pretrained
+    save_peft_adapter(model, "out/peft", "gpt2")      # LoRA of rank r + t on the original base, for PEFT
 """
 from __future__ import annotations
 
@@ -31,12 +34,17 @@ import json
 import math
 import os
 import re
+import shutil
+import struct
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import kasa
 
 # ----------------------------------------------------------------------------- config
 
@@ -57,7 +65,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     activation: str = "silu"  # "silu" (SwiGLU) | "gelu_tanh" | "gelu"
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    # {"rope_type": "linear"|"llama3", "factor": ..., ...}, or {"rope_type": "freq_factors", "factors": [...]}:
+    # per-frequency divisors, as llama.cpp stores Llama 3.1's scaling in a GGUF (tensor rope_freqs)
+    rope_scaling: dict | None = None
     sliding_window: int | None = None  # Mistral v0.1 local attention span
     tie_embeddings: bool = False
     attn_bias: bool = False  # bias on q/k/v/o projections
@@ -132,7 +142,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,), fp32 on CPU, with optional linear or Llama-3.1 scaling."""
+    """Inverse frequencies (head_dim/2,), fp32 on CPU, with optional linear, Llama-3.1 or per-frequency scaling."""
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device="cpu") / cfg.head_dim)
     scaling = cfg.rope_scaling or {}
     if scaling.get("rope_type") == "linear":
@@ -147,6 +157,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         inv_freq = torch.where(is_medium, blended, scaled)
+    elif scaling.get("rope_type") == "freq_factors":
+        inv_freq = inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32, device="cpu")
     return inv_freq
 
 
@@ -399,22 +411,89 @@ class Transformer(nn.Module):
         return out
 
 
+# ----------------------------------------------------------------------------- sequence classification
+# GLUE on a decoder: under causal attention only the last real token has seen the whole sequence,
+# so a linear head reads the hidden state there (as transformers' GPT2ForSequenceClassification).
+
+def last_token_states(hidden, attention_mask):
+    """(B, T, d) hidden states -> (B, d): each row's state at its last position with attention_mask 1.
+
+    Found from the mask, not from a pad id, so it works with left or right padding and with models
+    that pad with eos (GPT-2 has no pad token)."""
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    last = torch.where(attention_mask.bool(), positions, -1).amax(dim=1)
+    if (last < 0).any():
+        raise ValueError("a row of attention_mask is all zeros: every sequence needs at least one token")
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+class ClassificationHead(nn.Module):
+    """num_labels scores from the last real token's hidden state (num_labels=1: a regression, e.g. STS-B).
+
+    It lives beside the Transformer, not inside it, so adapters see the same module names with or
+    without a head; it trains with the adapter and is saved beside it."""
+
+    def __init__(self, d_model: int, num_labels: int):
+        super().__init__()
+        self.score = nn.Linear(d_model, num_labels)
+
+    def forward(self, hidden, attention_mask):
+        return self.score(last_token_states(hidden, attention_mask).to(self.score.weight.dtype))
+
+
 # ----------------------------------------------------------------------------- checkpoint readers
-# Every reader returns {hf_name: (shape, load)} where load() materialises that one tensor, so
-# names and shapes are validated before any weight is read, and weights are read one at a time.
+# Every reader returns {hf_name: (shape, load)} where load(dtype) materialises that one tensor, in
+# `dtype`, on the CPU. Names and shapes are validated before any weight is read, and weights are
+# read one at a time, so loading holds the model plus at most one tensor in the file's format.
+#
+# Files are read with plain reads, not memory-mapped: the pages of a mapped file count as the
+# process's memory for as long as the mapping lives, so casting a mapped bf16 file to fp32 would
+# hold the whole file and the whole fp32 model at once.
 
 class CheckpointError(ValueError):
     pass
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_tensor(path: Path, offset: int, dtype, shape) -> torch.Tensor:
+    """A new tensor of `dtype` and `shape` holding the bytes of `path` from `offset`, read straight into it."""
+    out = torch.empty(shape, dtype=dtype)
+    buffer = out.reshape(-1).view(torch.uint8).numpy()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        if f.readinto(buffer) != buffer.nbytes:
+            raise CheckpointError(f"{path} ends early: the file is truncated (re-download it)")
+    return out
+
+
 def _read_safetensors(path: Path):
-    from safetensors import safe_open
+    """A .safetensors file: the header's length (8 bytes, little-endian), a JSON header
+    {name: {"dtype", "shape", "data_offsets": [begin, end]}}, then the tensors' raw bytes."""
+    file_size = path.stat().st_size
     try:
-        handle = safe_open(str(path), framework="pt")
-        return {name: (tuple(handle.get_slice(name).get_shape()), lambda n=name: handle.get_tensor(n))
-                for name in handle.keys()}
-    except Exception as e:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > file_size - 8:
+                raise ValueError(f"header length {header_len} exceeds the file size {file_size}")
+            header = json.loads(f.read(header_len))
+        header.pop("__metadata__", None)
+        tensors, data_start = {}, 8 + header_len
+        for name, info in header.items():
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {name} has dtype {info['dtype']}; supported: {sorted(_SAFETENSORS_DTYPES)}")
+            dtype, shape, (begin, end) = _SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
+            if end - begin != math.prod(shape) * dtype.itemsize or data_start + end > file_size:
+                raise ValueError(f"tensor {name}: bytes {begin}..{end} do not hold shape {shape} "
+                                 f"or lie past the end of the file")
+            tensors[name] = (shape, lambda to_dtype, dtype=dtype, shape=shape, offset=data_start + begin:
+                             _read_tensor(path, offset, dtype, shape).to(to_dtype))  # no copy if dtypes agree
+    except (struct.error, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"cannot read {path}: {e} (corrupt or truncated safetensors file? re-download it)") from e
+    return tensors
 
 
 def _read_torch_bin(path: Path):
@@ -422,7 +501,7 @@ def _read_torch_bin(path: Path):
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise CheckpointError(f"cannot read {path}: {e} (corrupt or truncated pytorch_model.bin? re-download it)") from e
-    return {name: (tuple(t.shape), lambda t=t: t) for name, t in sd.items()}
+    return {name: (tuple(t.shape), lambda dtype, t=t: t.to(dtype)) for name, t in sd.items()}
 
 
 def _read_hf_dir(d: Path):
@@ -510,8 +589,8 @@ def _load_state_dict(model: Transformer, tensors: dict, dtype, device):
     state = {}
     for hf_name, (_, load) in tensors.items():
         if not _IGNORED.search(hf_name):
-            for name, t in _convert(cfg, hf_name, load()):
-                state[name] = t.to(device=device, dtype=dtype).contiguous()
+            for name, t in _convert(cfg, hf_name, load(dtype)):
+                state[name] = t.to(device).contiguous()
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -519,13 +598,64 @@ def _load_state_dict(model: Transformer, tensors: dict, dtype, device):
 
 
 # ----------------------------------------------------------------------------- GGUF (llama.cpp)
+# A .gguf file, little-endian throughout:
+#   b"GGUF", version (u32), tensor count (u64), metadata count (u64)
+#   metadata:     key (string), value type (u32), value
+#   tensor index: name (string), n_dims (u32), dims innermost first (u64 each), ggml type (u32),
+#                 offset (u64) from the start of the data
+#   tensor data:  from the next multiple of general.alignment (default 32)
+# A string is a u64 length and UTF-8 bytes; an array is an item type (u32), a count (u64), the items.
+# The header is parsed here; the gguf package only dequantizes (gguf.quants).
 
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
 _GGUF_RENAMES = {
     "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
+_GGUF_CHUNK = 1 << 20  # elements dequantized at a time: the float32 intermediates stay a few MB
+
+
+def _parse_gguf_header(f, file_size: int):
+    """(metadata {key: value}, tensor index [(name, shape, ggml type, offset)], data start) of a GGUF file."""
+    def read(n):
+        if n > file_size - f.tell():
+            raise ValueError(f"a field of {n} bytes at byte {f.tell()} runs past the end of the file")
+        return f.read(n)
+
+    def unpack(fmt):
+        return struct.unpack("<" + fmt, read(struct.calcsize("<" + fmt)))
+
+    def value(kind):
+        if kind == _GGUF_STRING:
+            return read(unpack("Q")[0]).decode("utf-8")
+        if kind == _GGUF_ARRAY:
+            item_kind, n = unpack("IQ")
+            if item_kind in _GGUF_SCALARS:
+                return list(unpack(f"{n}{_GGUF_SCALARS[item_kind]}"))
+            return [value(item_kind) for _ in range(n)]
+        if kind not in _GGUF_SCALARS:
+            raise ValueError(f"unknown metadata value type {kind}")
+        return unpack(_GGUF_SCALARS[kind])[0]
+
+    magic, version, n_tensors, n_meta = unpack("4sIQQ")
+    if magic != b"GGUF" or version not in (2, 3):
+        raise ValueError(f"not a GGUF v2/v3 file (magic {magic!r}, version {version})")
+    meta = {}
+    for _ in range(n_meta):
+        key = value(_GGUF_STRING)
+        meta[key] = value(unpack("I")[0])
+    index = []
+    for _ in range(n_tensors):
+        name = value(_GGUF_STRING)
+        (n_dims,) = unpack("I")
+        dims = unpack(f"{n_dims}Q")
+        ggml_type, offset = unpack("IQ")
+        index.append((name, tuple(reversed(dims)), ggml_type, offset))  # PyTorch order: outermost first
+    alignment = meta.get("general.alignment", 32)
+    return meta, index, -(-f.tell() // alignment) * alignment
 
 
 def unpermute_qk(w, n_head: int):
@@ -534,76 +664,134 @@ def unpermute_qk(w, n_head: int):
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def _load_gguf_tensor(path: Path, offset: int, ggml_type, shape, dtype, n_head=None) -> torch.Tensor:
+    """Dequantize one tensor into a new `dtype` tensor, a few rows at a time. A row of a ggml tensor
+    is a whole number of quantization blocks, so rows dequantize independently of each other."""
+    from gguf import GGML_QUANT_SIZES, quants
+    block, block_bytes = GGML_QUANT_SIZES[ggml_type]
+    rows, cols = math.prod(shape[:-1]), shape[-1]
+    row_bytes = cols // block * block_bytes
+    out = torch.empty(rows, cols, dtype=dtype)
+    step = max(1, _GGUF_CHUNK // cols)
+    for start in range(0, rows, step):
+        n = min(step, rows - start)
+        raw = _read_tensor(path, offset + start * row_bytes, torch.uint8, (n, row_bytes)).numpy()
+        out[start:start + n] = torch.from_numpy(quants.dequantize(raw, ggml_type))
+    out = out.reshape(shape)
+    return unpermute_qk(out, n_head) if n_head else out
+
+
 def _read_gguf(path: Path):
     try:
         import gguf
+        import numpy as np
     except ImportError as e:
         raise ImportError("loading .gguf files needs the gguf package: pip install gguf") from e
+    file_size = path.stat().st_size
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise CheckpointError(f"cannot read {path}: {e} (corrupt or truncated GGUF file?)") from e
-    big_arrays = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
-    meta = {k: f.contents() for k, f in reader.fields.items() if k not in big_arrays}
+        with open(path, "rb") as f:
+            meta, index, data_start = _parse_gguf_header(f, file_size)
+    except (struct.error, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"cannot read {path}: {e} (corrupt or truncated GGUF file? re-download it)") from e
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: 'llama' "
                          "(Llama, Mistral, TinyLlama, SmolLM2). Convert other models from HF safetensors.")
-    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
-    names = {t.name for t in reader.tensors}
-    n_head, n_embd = meta["llama.attention.head_count"], meta["llama.embedding_length"]
-    cfg = ModelConfig(
-        family="llama", vocab_size=len(tokens), n_layer=meta["llama.block_count"], n_head=n_head,
-        n_kv_head=meta.get("llama.attention.head_count_kv", n_head), d_model=n_embd,
-        d_ff=meta["llama.feed_forward_length"], head_dim=meta.get("llama.attention.key_length", n_embd // n_head),
-        max_position=meta.get("llama.context_length", 2048),
-        norm_eps=meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5),
-        rope_theta=meta.get("llama.rope.freq_base", 10000.0), tie_embeddings="output.weight" not in names,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
 
-    def load(t, n_rows_head):
-        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype("float32"))  # copy: off the read-only mmap
-        w = w.reshape(tuple(int(s) for s in reversed(t.shape)))  # ggml lists dims innermost first
-        return unpermute_qk(w, n_rows_head) if n_rows_head else w
+    # Check every tensor's type, size and place in the file before reading any of them.
+    for name, shape, ggml_type, offset in index:
+        try:
+            ggml_type = gguf.GGMLQuantizationType(ggml_type)
+            block, block_bytes = gguf.GGML_QUANT_SIZES[ggml_type]
+            gguf.quants.dequantize(np.zeros((1, block_bytes), np.uint8), ggml_type)  # can this gguf decode it?
+        except (ValueError, KeyError, NotImplementedError) as e:
+            raise CheckpointError(f"{path}: tensor {name} has ggml type {ggml_type!r}, which gguf "
+                                  f"{getattr(gguf, '__version__', '')} cannot dequantize ({e}); try upgrading gguf") from e
+        if shape[-1] % block or data_start + offset + math.prod(shape) // block * block_bytes > file_size:
+            raise CheckpointError(f"cannot read {path}: tensor {name} {shape} of type {ggml_type.name} does not "
+                                  "fit the file (corrupt or truncated GGUF file? re-download it)")
+    located = {name: (shape, gguf.GGMLQuantizationType(t), data_start + offset) for name, shape, t, offset in index}
+
+    try:
+        n_head, d_model = meta["llama.attention.head_count"], meta["llama.embedding_length"]
+        head_dim = meta.get("llama.attention.key_length", d_model // n_head)
+        if meta.get("llama.rope.dimension_count", head_dim) != head_dim:
+            raise ValueError("partial rotary embeddings (llama.rope.dimension_count < head_dim) are not supported")
+        scaling = meta.get("llama.rope.scaling.type", "none")
+        if scaling == "linear":
+            rope_scaling = {"rope_type": "linear", "factor": meta["llama.rope.scaling.factor"]}
+        elif scaling == "none":
+            rope_scaling = None
+        else:
+            raise ValueError(f"unsupported RoPE scaling {scaling!r}; supported: none, linear, rope_freqs (Llama 3.1)")
+        if "rope_freqs.weight" in located:  # Llama 3.1's frequency scaling, precomputed by llama.cpp
+            shape, ggml_type, offset = located.pop("rope_freqs.weight")
+            factors = _load_gguf_tensor(path, offset, ggml_type, shape, torch.float32)
+            rope_scaling = {"rope_type": "freq_factors", "factors": factors.tolist()}
+        cfg = ModelConfig(
+            family="llama", vocab_size=located["token_embd.weight"][0][0], n_layer=meta["llama.block_count"],
+            n_head=n_head, n_kv_head=meta.get("llama.attention.head_count_kv", n_head), d_model=d_model,
+            d_ff=meta["llama.feed_forward_length"], head_dim=head_dim,
+            max_position=meta.get("llama.context_length", 2048),
+            norm_eps=meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta=meta.get("llama.rope.freq_base", 10000.0), rope_scaling=rope_scaling,
+            tie_embeddings="output.weight" not in located, bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=meta.get("tokenizer.ggml.eos_token_id"), pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
+    except KeyError as e:
+        raise CheckpointError(f"{path}: the GGUF metadata or tensors lack {e}, which a llama model needs") from e
 
     tensors = {}
-    for t in reader.tensors:
-        parts = t.name.split(".")  # "blk.3.attn_q.weight" or "token_embd.weight"
+    for gguf_name, (shape, ggml_type, offset) in located.items():
+        parts = gguf_name.split(".")  # "blk.3.attn_q.weight" or "token_embd.weight"
         if parts[0] == "blk" and parts[2] in _GGUF_RENAMES:
             name = f"model.layers.{parts[1]}.{_GGUF_RENAMES[parts[2]]}.{parts[-1]}"
         else:
             name = f"{_GGUF_RENAMES.get(parts[0], parts[0])}.{'.'.join(parts[1:])}"
-        heads = {"attn_q": cfg.n_head, "attn_k": cfg.n_kv_head}.get(parts[2] if parts[0] == "blk" else "")
-        tensors[name] = (tuple(int(s) for s in reversed(t.shape)), lambda t=t, h=heads: load(t, h))
-    return cfg, tensors, _gguf_tokenizer(reader, meta)
+        n_head = {"attn_q": cfg.n_head, "attn_k": cfg.n_kv_head}.get(parts[2] if parts[0] == "blk" else "")
+        tensors[name] = (shape, lambda dtype, shape=shape, t=ggml_type, offset=offset, n_head=n_head:
+                         _load_gguf_tensor(path, offset, t, shape, dtype, n_head))
+    return cfg, tensors, _gguf_tokenizer(meta)
 
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def byte_level_bpe(vocab: dict, merges: list, special_tokens=(), split_digits=False):
-    """GPT-2 style byte-level BPE as a `tokenizers.Tokenizer` (identical to GPT-2's tokenizer.json)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+# How llama.cpp's pre-tokenizers (GGUF key tokenizer.ggml.pre) split text into words before BPE.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GGUF_PRE_TOKENIZERS = {"gpt2": "gpt2", "smollm": "digits", "starcoder": "digits", "llama-bpe": "llama3",
+                        "llama3": "llama3"}
+
+
+def byte_level_bpe(vocab: dict, merges: list, special_tokens=(), pre="gpt2"):
+    """Byte-level BPE as a `tokenizers.Tokenizer`. `pre` picks how text is split into words first:
+    "gpt2" (GPT-2's regex: identical to GPT-2's tokenizer.json), "digits" (every digit alone, then
+    GPT-2's regex: SmolLM2, StarCoder) or "llama3" (Llama 3's regex: numbers in groups of up to 3)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                         if split_digits else byte_level)
+    gpt2_regex = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = {
+        "gpt2": gpt2_regex,
+        "digits": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2_regex]),
+        "llama3": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                                           pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+    }[pre]
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special_tokens])
     return tok
 
 
-def _gguf_tokenizer(reader, meta):
+def _gguf_tokenizer(meta):
     if meta.get("tokenizer.ggml.model") != "gpt2":
         return None  # SentencePiece ("llama") vocabularies are not rebuilt here; use the HF tokenizer.json
-    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
-    merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
-    types = reader.fields["tokenizer.ggml.token_type"].contents()
-    special = [tok for tok, ty in zip(tokens, types) if ty in (3, 4)]  # CONTROL, USER_DEFINED
-    # llama.cpp's "smollm"/"starcoder" pre-tokenizers split digits one by one before byte-level BPE.
-    split_digits = meta.get("tokenizer.ggml.pre") in ("smollm", "starcoder")
-    return byte_level_bpe({t: i for i, t in enumerate(tokens)}, merges, special, split_digits)
+    pre = meta.get("tokenizer.ggml.pre", "gpt2")
+    if pre not in _GGUF_PRE_TOKENIZERS:
+        raise ValueError(f"the GGUF's tokenizer uses llama.cpp's pre-tokenizer {pre!r}, which is not rebuilt here "
+                         f"(supported: {sorted(_GGUF_PRE_TOKENIZERS)}); load the model's Hugging Face directory instead")
+    tokens = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    special = [tok for tok, kind in zip(tokens, meta["tokenizer.ggml.token_type"]) if kind in (3, 4)]  # CONTROL, USER_DEFINED
+    return byte_level_bpe({t: i for i, t in enumerate(tokens)}, merges, special, _GGUF_PRE_TOKENIZERS[pre])
 
 
 def load_tokenizer(d: Path):
@@ -662,3 +850,229 @@ def load_pretrained(name_or_path, dtype=torch.float32, device="cpu"):
         model = Transformer(cfg)
     _load_state_dict(model, tensors, dtype, device)
     return model.eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------- export
+# Two ways to hand a fine-tuned model to other tools, both in Hugging Face's layout:
+#   save_hf_checkpoint  the merged weights W_world + ΔW (zero added latency), for
+#                       transformers' from_pretrained and for load_pretrained;
+#   save_peft_adapter   a plain LoRA adapter of rank r + t for the ORIGINAL, untouched base
+#                       (kasa.lora_factors), for peft.PeftModel.from_pretrained or any LoRA server.
+# Names go back through the inverse of the loader's renames; GPT-2's q/k/v are fused back into
+# one Conv1D c_attn, whose weight is stored (in, out).
+
+_HF_MODULE_NAMES = {  # our module name -> the HF one: _LLAMA_RENAMES and _GPT2_RENAMES backwards
+    "llama": [
+        (r"^tok_emb$", "model.embed_tokens"),
+        (r"^norm_f$", "model.norm"),
+        (r"^blocks\.(\d+)\.norm1$", r"model.layers.\1.input_layernorm"),
+        (r"^blocks\.(\d+)\.norm2$", r"model.layers.\1.post_attention_layernorm"),
+        (r"^blocks\.(\d+)\.attn\.", r"model.layers.\1.self_attn."),
+        (r"^blocks\.(\d+)\.mlp\.", r"model.layers.\1.mlp."),
+    ],
+    "gpt2": [
+        (r"^tok_emb$", "transformer.wte"),
+        (r"^pos_emb$", "transformer.wpe"),
+        (r"^norm_f$", "transformer.ln_f"),
+        (r"^blocks\.(\d+)\.norm1$", r"transformer.h.\1.ln_1"),
+        (r"^blocks\.(\d+)\.norm2$", r"transformer.h.\1.ln_2"),
+        (r"^blocks\.(\d+)\.attn\.o_proj$", r"transformer.h.\1.attn.c_proj"),
+        (r"^blocks\.(\d+)\.attn\.[qkv]_proj$", r"transformer.h.\1.attn.c_attn"),
+        (r"^blocks\.(\d+)\.mlp\.", r"transformer.h.\1.mlp."),
+    ],
+}
+_GPT2_FUSED = ("q_proj", "k_proj", "v_proj")  # c_attn's row blocks, top to bottom
+
+
+def _hf_module(cfg: ModelConfig, name: str) -> tuple[str, int, int]:
+    """Our module name -> (HF module name, its row block there, the number of row blocks).
+
+    Every module is one block of its own, except GPT-2's q/k/v: blocks 0, 1, 2 of c_attn."""
+    hf_name = name
+    for pattern, repl in _HF_MODULE_NAMES[cfg.family]:
+        hf_name = re.sub(pattern, repl, hf_name)
+    if hf_name.endswith(".c_attn"):
+        return hf_name, _GPT2_FUSED.index(name.rpartition(".")[2]), len(_GPT2_FUSED)
+    return hf_name, 0, 1
+
+
+def _is_conv1d(cfg: ModelConfig, hf_module: str) -> bool:
+    """HF GPT-2's linear layers are Conv1D: weight (in, out), the transpose of nn.Linear's."""
+    return cfg.family == "gpt2" and re.search(r"\.(c_attn|c_proj|c_fc)$", hf_module) is not None
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    """ModelConfig -> a config.json that transformers (4.x and 5.x) and ModelConfig.from_hf both read."""
+    common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=cfg.bos_token_id,
+                  eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, dtype=str(dtype).removeprefix("torch."))
+    if cfg.family == "gpt2":
+        if (cfg.n_kv_head != cfg.n_head or cfg.n_head * cfg.head_dim != cfg.d_model or not cfg.attn_bias
+                or not cfg.mlp_bias or cfg.activation not in ("gelu_tanh", "gelu")):
+            raise ValueError("this gpt2-family model has no GPT-2 config.json: GPT-2 needs n_kv_head == n_head, "
+                             "head_dim == d_model / n_head, biases on every linear layer and a gelu activation")
+        return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", n_embd=cfg.d_model, n_layer=cfg.n_layer,
+                    n_head=cfg.n_head, n_inner=cfg.d_ff, n_positions=cfg.max_position,
+                    layer_norm_epsilon=cfg.norm_eps,
+                    activation_function={"gelu_tanh": "gelu_new", "gelu": "gelu"}[cfg.activation], **common)
+    # A LLaMA with a sliding window is a Mistral to transformers (LlamaConfig has no window).
+    model_type = "mistral" if cfg.sliding_window else "llama"
+    if cfg.activation != "silu" or (model_type == "mistral" and (cfg.attn_bias or cfg.mlp_bias)):
+        raise ValueError(f"this llama-family model has no {model_type} config.json: it needs the SwiGLU (silu) "
+                         "MLP" + (", and Mistral has no biases" if model_type == "mistral" else ""))
+    # RoPE as rope_theta + rope_scaling: transformers 5 still reads these, and 4.x reads nothing else.
+    return dict(architectures=["MistralForCausalLM" if cfg.sliding_window else "LlamaForCausalLM"],
+                model_type=model_type, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+                num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+                head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position, rms_norm_eps=cfg.norm_eps,
+                hidden_act="silu", rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
+                sliding_window=cfg.sliding_window, attention_bias=cfg.attn_bias, mlp_bias=cfg.mlp_bias, **common)
+
+
+def _merged_weight(layer: kasa.KaSALinear) -> torch.Tensor:
+    """W_world + ΔW in the base dtype, as layer.merge() would store it, but leaving the layer as it is."""
+    if layer.merged:
+        return layer.weight
+    return (layer.weight.to(layer.kasa_A.dtype) + layer.delta_weight()).to(layer.weight.dtype)
+
+
+@torch.no_grad()
+def hf_state_dict(model: Transformer) -> dict:
+    """The model's weights under HF names, every KaSA layer merged; the model itself is not changed."""
+    cfg = model.config
+    if cfg.tie_embeddings and model.lm_head.weight is not model.tok_emb.weight:
+        raise ValueError("lm_head is no longer tied to the embedding (was it adapted?), but the config says "
+                         "tie_embeddings=True, so a checkpoint would drop it: adapt other layers than lm_head")
+    merged = {f"{name}.weight": _merged_weight(layer)
+              for name, layer in model.named_modules() if isinstance(layer, kasa.KaSALinear)}
+    blocks = {}  # HF tensor name -> {row block: tensor}
+    for name, tensor in model.state_dict().items():
+        module, _, leaf = name.rpartition(".")
+        if leaf.startswith("kasa_") or (cfg.tie_embeddings and name == "lm_head.weight"):
+            continue  # the adapter is merged into the weight; a tied lm_head is the embedding
+        hf_module, block, _ = _hf_module(cfg, module)
+        blocks.setdefault(f"{hf_module}.{leaf}", {})[block] = merged.get(name, tensor)
+    state = {}
+    for hf_name, parts in blocks.items():
+        tensor = parts[0] if len(parts) == 1 else torch.cat([parts[i] for i in sorted(parts)])
+        if tensor.dim() == 2 and _is_conv1d(cfg, hf_name.rpartition(".")[0]):
+            tensor = tensor.t()
+        state[hf_name] = tensor.detach().cpu().contiguous()
+    return state
+
+
+@torch.no_grad()
+def peft_lora_weights(model: Transformer) -> dict:
+    """{HF module name: (lora_B (out, rank), lora_A (rank, in))} with lora_B @ lora_A = W_world + ΔW − W.
+
+    One kasa.lora_factors pair per KaSA layer. GPT-2's c_attn gets one pair for q, k and v together:
+    their ranks are stacked, and lora_B is zero in the rows of a projection that was not adapted."""
+    cfg = model.config
+    factors = {}  # HF module -> {row block: (B_total, A_total)}, and its number of row blocks
+    for name, layer in model.named_modules():
+        if isinstance(layer, kasa.KaSALinear):
+            hf_module, block, n_blocks = _hf_module(cfg, name)
+            factors.setdefault(hf_module, ({}, n_blocks))[0][block] = kasa.lora_factors(layer)
+    if not factors:
+        raise ValueError("the model has no KaSA layers, so there is no adapter to export: "
+                         "save_hf_checkpoint writes a fully fine-tuned model")
+    lora = {}
+    for hf_module, (pairs, n_blocks) in factors.items():
+        A = torch.cat([pairs[i][1] for i in sorted(pairs)])
+        out = next(iter(pairs.values()))[0].shape[0]  # every row block of c_attn has the same height
+        B = A.new_zeros(n_blocks * out, A.shape[0])
+        rank = 0
+        for i in sorted(pairs):
+            B_i = pairs[i][0]
+            B[i * out:(i + 1) * out, rank:rank + B_i.shape[1]] = B_i
+            rank += B_i.shape[1]
+        lora[hf_module] = (B, A)
+    return lora
+
+
+def _write_dir_atomic(out_dir, file_names: tuple, write):
+    """Call write(directory) on a fresh directory beside out_dir, then move it into place.
+
+    A crash leaves either the old export or the new one, never half of one. An existing out_dir
+    is replaced only if it holds nothing but `file_names` (so a run directory is never lost)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file: export into a directory")
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in file_names) if out_dir.exists() else []
+    if foreign:
+        raise FileExistsError(f"{out_dir} exists and holds other files ({', '.join(foreign[:5])}); "
+                              f"export into a new or empty directory, e.g. {out_dir / 'export'}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (out_dir.with_name(f".{out_dir.name}.{suffix}{os.getpid()}") for suffix in ("tmp", "old"))
+    for leftover in (tmp, old):  # from a crashed export
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_hf_checkpoint(model: Transformer, tokenizer, out_dir):
+    """Write the model, KaSA layers merged, as a Hugging Face checkpoint directory:
+
+        config.json, model.safetensors (HF names, a tied lm_head left out), tokenizer.json (if given)
+
+    transformers.AutoModelForCausalLM.from_pretrained(out_dir) and load_pretrained(out_dir) read it.
+    Weights keep the model's dtype. The model is not changed (nothing is merged in place)."""
+    from safetensors.torch import save_file
+    config, state = hf_config(model.config, model.tok_emb.weight.dtype), hf_state_dict(model)
+
+    def write(directory: Path):
+        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})  # transformers checks it
+        if tokenizer is not None:
+            tokenizer.save(str(directory / "tokenizer.json"))
+    _write_dir_atomic(out_dir, ("config.json", "model.safetensors", "tokenizer.json"), write)
+
+
+def save_peft_adapter(model: Transformer, out_dir, base_model_name_or_path: str = ""):
+    """Write the KaSA layers as a PEFT LoRA adapter for the ORIGINAL pretrained model:
+
+        adapter_config.json, adapter_model.safetensors (keys base_model.model.<HF module>.lora_A/lora_B.weight)
+
+    peft.PeftModel.from_pretrained(original_hf_model, out_dir) then computes exactly our fine-tuned
+    model (kasa.lora_factors): rank r + t per layer (GPT-2's c_attn: the sum over its adapted q/k/v),
+    float32, and lora_alpha = rank, so that PEFT's scaling lora_alpha / r is 1. Layers whose rank
+    differs from the most common one are listed in rank_pattern and alpha_pattern."""
+    from safetensors.torch import save_file
+    cfg = model.config
+    lora = peft_lora_weights(model)
+    ranks = {hf_module: A.shape[0] for hf_module, (_, A) in lora.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    rank_pattern = {hf_module: rank for hf_module, rank in ranks.items() if rank != r}
+    # Target modules by their last name (q_proj, c_attn), as PEFT users write them, unless that
+    # name also selects layers that were not adapted (GPT-2's c_proj is in attn and in mlp): then
+    # by their full names.
+    linear = {_hf_module(cfg, name)[0] for name, m in model.named_modules()
+              if isinstance(m, (nn.Linear, kasa.KaSALinear))}
+    target_modules = []
+    for last in sorted({hf_module.rpartition(".")[2] for hf_module in lora}):
+        named = {hf_module for hf_module in linear if hf_module.rpartition(".")[2] == last}
+        target_modules += [last] if named <= lora.keys() else sorted(named & lora.keys())
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": r, "lora_alpha": r, "rank_pattern": rank_pattern, "alpha_pattern": rank_pattern,
+        "target_modules": target_modules,
+        "fan_in_fan_out": cfg.family == "gpt2",  # HF GPT-2's Conv1D stores weights (in, out)
+        "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "init_lora_weights": True, "inference_mode": True,
+    }
+    tensors = {}
+    for hf_module, (B, A) in lora.items():
+        tensors[f"base_model.model.{hf_module}.lora_A.weight"] = A.cpu().contiguous()
+        tensors[f"base_model.model.{hf_module}.lora_B.weight"] = B.cpu().contiguous()
+
+    def write(directory: Path):
+        (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _write_dir_atomic(out_dir, ("adapter_config.json", "adapter_model.safetensors"), write)
