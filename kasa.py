@@ -34,7 +34,7 @@ Usage:
     kasa.load_kasa_state_dict(model, torch.load("adapter.pt", weights_only=True))
 
 Public API: KaSALinear, apply_kasa, kasa_regularization, kasa_state_dict, load_kasa_state_dict,
-merge_kasa, unmerge_kasa, truncation_report, format_truncation_report.
+merge_kasa, unmerge_kasa, lora_factors, truncation_report, format_truncation_report.
 
 Where other implementations differ from the paper (this file follows the paper):
   * The official code (a PEFT fork, juyongjiang/KaSA) keeps `in_features - r` singular components
@@ -59,6 +59,7 @@ __all__ = [
     "load_kasa_state_dict",
     "merge_kasa",
     "unmerge_kasa",
+    "lora_factors",
     "truncation_report",
     "format_truncation_report",
 ]
@@ -368,6 +369,24 @@ def unmerge_kasa(model: nn.Module):
         layer.unmerge()
 
 
+@torch.no_grad()
+def lora_factors(layer: KaSALinear):
+    """The layer's fine-tuned weight as a plain LoRA update of the ORIGINAL weight: (B_total, A_total).
+
+        W_world + ΔW = W + B_total A_total,   W = W_world + U_t Σ_t V_tᵀ (the pretrained weight)
+        B_total = [(α/r) B diag(σ), −U_t Σ_t]   (out, r + t)
+        A_total = [A; V_tᵀ]                     (r + t, in)
+
+    The second block takes the t dropped triplets back out, so any LoRA runtime (PEFT, vLLM, ...)
+    serves a KaSA adapter on the untouched base with scaling 1. In float32 (float64 for a float64
+    base); merged or not, the result is the same.
+    """
+    B_scaled = layer.kasa_B * (layer.kasa_sigma * layer.scaling)
+    B_total = torch.cat([B_scaled, -layer.kasa_dropped_US.to(B_scaled.dtype)], dim=1)
+    A_total = torch.cat([layer.kasa_A, layer.kasa_dropped_Vt.to(B_scaled.dtype)], dim=0)
+    return B_total, A_total
+
+
 # --- What did the truncation cost? (a report to read before training)
 #
 # Step 1 rests on a claim about the pretrained model: its smallest singular triplets are noise.
@@ -439,18 +458,23 @@ def truncation_report(model: nn.Module, compute_loss, warn_above: float = 0.05) 
     rows.sort(key=lambda row: -row["delta_loss"])
     increase = loss_truncated - loss_original
     return {"loss_original": loss_original, "loss_truncated": loss_truncated, "layers": rows,
-            "warning": _truncation_warning(rows, increase) if increase > warn_above else None}
+            "warning": _truncation_warning(rows, increase, warn_above) if increase > warn_above else None}
 
 
-def _truncation_warning(rows: list, increase: float) -> str:
-    """Name the worst layers and the two ways out: adapt other projections, or do not truncate."""
-    worst = [row for row in rows if row["truncation"] > 0][:3]
-    blamed = {row["name"].rpartition(".")[2] for row in worst}
-    others = sorted({row["name"].rpartition(".")[2] for row in rows} - blamed)
-    retarget = f"adapt only {','.join(others)} (train.py --targets {','.join(others)}), or " if others else ""
-    return (f"truncation raises the loss by {increase:+.3f} nats before training; worst: "
-            + ", ".join(f"{row['name']} ({row['delta_loss']:+.3f})" for row in worst)
-            + f". Their smallest singular directions are not noise for this model. To keep them, {retarget}"
+def _truncation_warning(rows: list, increase: float, warn_above: float) -> str:
+    """Name the worst layers and the ways out: adapt only the harmless projections, or do not truncate."""
+    by_kind = {}                                           # Δloss summed per projection (q_proj, v_proj, ...)
+    for row in rows:
+        kind = row["name"].rpartition(".")[2]
+        by_kind[kind] = by_kind.get(kind, 0.0) + row["delta_loss"]
+    harmless = sorted(kind for kind, delta in by_kind.items() if delta <= warn_above)
+    retarget = (f"adapt only {','.join(harmless)} (train.py --targets {','.join(harmless)}), or "
+                if 0 < len(harmless) < len(by_kind) else "")
+    worst = [row for row in rows if row["delta_loss"] > 0][:3]
+    return (f"truncation raises the loss by {increase:+.3f} nats before training (per projection: "
+            + ", ".join(f"{kind} {delta:+.3f}" for kind, delta in sorted(by_kind.items()))
+            + "; worst layers: " + (", ".join(f"{row['name']} {row['delta_loss']:+.3f}" for row in worst) or "none alone")
+            + f"). Their smallest singular directions are not noise for this model. To keep them, {retarget}"
             "switch truncation off (apply_kasa(..., truncation=0); train.py --truncation 0). "
             "KaSA still runs as configured.")
 
