@@ -15,9 +15,15 @@ Loss is on completion tokens only (the target of the separator position is the f
 token, as in LoRA's FT_Dataset mask). Slot names are renamed as in LoRA's data files (eatType ->
 "Type", priceRange -> "price", familyFriendly -> "family friendly"); unlike those files, slot values
 and references are kept as written in the CSV (LoRA's copies are pre-tokenised: "£ 20 - 25").
+
+GLUE (the six tasks of the KaSA paper's GLUE table: CoLA, SST-2, MRPC, QNLI, RTE, STS-B), read from
+the official TSV files, train.tsv and dev.tsv per task folder: the GLUE release zips, and MRPC built
+from its SentEval copy with GLUE's dev-ids split. Encoded for a decoder: sentence A, then for a
+pair the eos token and sentence B; a classification head reads the last real token (model.py).
 """
 import csv
 import hashlib
+import math
 import os
 import sys
 import tempfile
@@ -231,6 +237,22 @@ def download(url: str, dest, expected_checksum: str | None = None) -> Path:
     return dest
 
 
+def extract_member(archive: zipfile.ZipFile, member: str, dest, expected_checksum: str | None = None) -> Path:
+    """Extract one file of a zip to dest: write a temp file, verify, then rename."""
+    dest = Path(dest)
+    extracted = dest.with_name(dest.name + ".part")
+    with archive.open(member) as src, open(extracted, "wb") as out:
+        out.write(src.read())
+    try:
+        if expected_checksum is not None:
+            verify_checksum(extracted, expected_checksum)
+    except ValueError:
+        os.remove(extracted)
+        raise
+    os.replace(extracted, dest)
+    return dest
+
+
 def _print_progress(name: str, done: int, total: int) -> None:
     if total:
         filled = 30 * done // total
@@ -257,15 +279,7 @@ def download_e2e(version: str, cache_dir) -> Path:
             if name not in members:
                 raise ValueError(f"{E2E_RELEASE_URL}: the release zip has no {name}; "
                                  f"found {sorted(members)}")
-            extracted = target / (name + ".part")
-            with archive.open(members[name]) as src, open(extracted, "wb") as out:
-                out.write(src.read())
-            try:
-                verify_checksum(extracted, E2E_CHECKSUMS[name])
-            except ValueError:
-                os.remove(extracted)
-                raise
-            os.replace(extracted, target / name)
+            extract_member(archive, members[name], target / name, E2E_CHECKSUMS[name])
     os.remove(zip_path)
     return target
 
@@ -297,4 +311,210 @@ def resolve_e2e_files(version: str = "original", data_dir=None,
                                 "folder holding them, or leave it unset to download the release")
     if not paths["train"].exists():
         paths["train"] = None
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# GLUE: reading the official TSV files
+#
+# Lines are split on the tab character and nothing else: sentences contain quotes (SST-2, MRPC), so
+# a CSV reader would merge or split rows. Class ids follow the GLUE release (and Hugging Face's
+# `glue` dataset): 0 = unacceptable / negative / not equivalent / entailment.
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """Where one GLUE task's fields sit in its TSV files."""
+    folder: str                  # the task's folder in the GLUE release, in --data-dir and in the cache
+    header: tuple | None         # the expected first line; None: the file has no header (CoLA)
+    n_columns: int
+    text_columns: tuple          # one column (a single sentence) or two (a sentence pair)
+    label_column: int
+    label_names: tuple | None    # the labels as written in the file, in class-id order; None: a score in [0, 5]
+    url: str | None              # the task's zip in the GLUE release; None for MRPC (see download_mrpc)
+
+
+GLUE_URL = "https://dl.fbaipublicfiles.com/glue/data/"
+ENTAILMENT = ("entailment", "not_entailment")
+GLUE_TASKS = {
+    "cola": GlueTask("CoLA", None, 4, (3,), 1, ("0", "1"), GLUE_URL + "CoLA.zip"),
+    "sst2": GlueTask("SST-2", ("sentence", "label"), 2, (0,), 1, ("0", "1"), GLUE_URL + "SST-2.zip"),
+    "mrpc": GlueTask("MRPC", ("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"), 5, (3, 4), 0, ("0", "1"),
+                     None),
+    "qnli": GlueTask("QNLI", ("index", "question", "sentence", "label"), 4, (1, 2), 3, ENTAILMENT,
+                     GLUE_URL + "QNLIv2.zip"),
+    "rte": GlueTask("RTE", ("index", "sentence1", "sentence2", "label"), 4, (1, 2), 3, ENTAILMENT,
+                    GLUE_URL + "RTE.zip"),
+    "stsb": GlueTask("STS-B", ("index", "genre", "filename", "year", "old_index", "source1", "source2",
+                               "sentence1", "sentence2", "score"), 10, (7, 8), 9, None, GLUE_URL + "STS-B.zip"),
+}
+
+
+@dataclass(frozen=True)
+class GlueExample:
+    text_a: str
+    text_b: str | None       # the second sentence of a pair; None for CoLA and SST-2
+    label: int | float       # a class id, or the STS-B similarity score in [0, 5]
+
+
+def glue_spec(task: str) -> GlueTask:
+    if task not in GLUE_TASKS:
+        raise ValueError(f"unknown GLUE task {task!r}; choose one of {sorted(GLUE_TASKS)}")
+    return GLUE_TASKS[task]
+
+
+def load_glue_split(task: str, path) -> list[GlueExample]:
+    """Read one GLUE TSV file (train.tsv or dev.tsv) of `task`; sentences are stripped of outer spaces."""
+    spec, path = glue_spec(task), Path(path)
+    lines = path.read_text(encoding="utf-8-sig").split("\n")  # utf-8-sig drops MRPC's byte-order mark
+    if spec.header is not None:
+        header = tuple(lines[0].rstrip("\r").split("\t"))
+        if header != spec.header:
+            raise ValueError(f"{path}: line 1: header {header}, but {task} files start with {spec.header}; "
+                             f"is this the {spec.folder} file?")
+    first = 1 if spec.header is None else 2
+    examples = []
+    for number, line in enumerate(lines[first - 1:], start=first):
+        line = line.rstrip("\r")
+        if not line:
+            continue
+        cells = line.split("\t")
+        if len(cells) != spec.n_columns:
+            raise ValueError(f"{path}: line {number}: {len(cells)} tab-separated columns, {task} rows have "
+                             f"{spec.n_columns}; fix or remove the row (a tab inside a sentence?)")
+        raw = cells[spec.label_column].strip()
+        if spec.label_names is None:
+            try:
+                label = float(raw)
+            except ValueError:
+                label = math.nan
+            if not 0 <= label <= 5:
+                raise ValueError(f"{path}: line {number}: score {raw!r} is not a number in [0, 5]")
+        elif raw in spec.label_names:
+            label = spec.label_names.index(raw)
+        else:
+            raise ValueError(f"{path}: line {number}: label {raw!r}; {task} labels are {list(spec.label_names)}")
+        texts = [cells[column].strip() for column in spec.text_columns]
+        if not all(texts):
+            raise ValueError(f"{path}: line {number}: empty sentence in column {spec.text_columns[texts.index('')] + 1}")
+        examples.append(GlueExample(texts[0], texts[1] if len(texts) == 2 else None, label))
+    return examples
+
+
+# -----------------------------------------------------------------------------
+# GLUE: tokenisation for a decoder
+
+
+def encode_glue_examples(tokenizer, examples: list[GlueExample], sep_id: int, max_len: int) -> list[list[int]]:
+    """Token ids of each example: sentence A, or for a pair sentence A, sep_id, sentence B.
+
+    A pair longer than max_len loses tokens from the end of its longer sentence, one at a time (the
+    'longest_first' truncation of the official scripts' tokenizer); a single sentence loses its end.
+    """
+    first = [encoding.ids for encoding in tokenizer.encode_batch([ex.text_a for ex in examples])]
+    if examples[0].text_b is None:
+        return [ids[:max_len] for ids in first]
+    second = [encoding.ids for encoding in tokenizer.encode_batch([ex.text_b for ex in examples])]
+    encoded = []
+    for a, b in zip(first, second):
+        while len(a) + 1 + len(b) > max_len:
+            (a if len(a) > len(b) else b).pop()
+        encoded.append(a + [sep_id] + b)
+    return encoded
+
+
+def collate_glue(batch, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of (input_ids, label); labels become class ids (int64) or scores (float32)."""
+    width = max(len(input_ids) for input_ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (ids, _) in enumerate(batch):
+        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, :len(ids)] = 1
+    labels = torch.tensor([label for _, label in batch])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# -----------------------------------------------------------------------------
+# GLUE: locating the files, downloading the official release when they are missing
+
+GLUE_CACHE_DIR = Path.home() / ".cache" / "kasa" / "glue"
+GLUE_SPLITS = ("train", "dev")
+
+# MRPC is not in the GLUE zips (its licence). GLUE's download script takes the SentEval copy of the
+# MSR Paraphrase Corpus training file and moves the pairs listed in mrpc_dev_ids.tsv to dev.tsv.
+# Checksums: as recorded for these URLs by Hugging Face's `glue` dataset (dataset_infos.json).
+MRPC_SOURCES = {
+    "msr_paraphrase_train.txt": (
+        "https://dl.fbaipublicfiles.com/senteval/senteval_data/msr_paraphrase_train.txt",
+        "sha256:60a9b09084528f0673eedee2b69cb941920f0b8cd0eeccefc464a98768457f89"),
+    "mrpc_dev_ids.tsv": (
+        "https://dl.fbaipublicfiles.com/glue/data/mrpc_dev_ids.tsv",
+        "sha256:971d7767d81b997fd9060ade0ec23c4fc31cbb226a55d1bd4a1bac474eb81dc7"),
+}
+
+
+def download_mrpc(target) -> Path:
+    """Build MRPC's train.tsv and dev.tsv in `target` as GLUE's download script does; return target."""
+    target = Path(target)
+    sources = {name: download(url, target / name, checksum) for name, (url, checksum) in MRPC_SOURCES.items()}
+    dev_ids = {tuple(line.strip().split("\t"))
+               for line in sources["mrpc_dev_ids.tsv"].read_text(encoding="utf-8").split("\n") if line.strip()}
+    header, *rows = sources["msr_paraphrase_train.txt"].read_text(encoding="utf-8").split("\n")
+    splits = {"train": [header.strip()], "dev": [header.strip()]}  # the header keeps its byte-order mark, as GLUE's
+    for number, row in enumerate(rows, start=2):
+        if not row.strip():
+            continue
+        cells = row.strip().split("\t")
+        if len(cells) != 5:
+            raise ValueError(f"{sources['msr_paraphrase_train.txt']}: line {number}: {len(cells)} columns, expected "
+                             "5 (Quality, #1 ID, #2 ID, #1 String, #2 String); delete the file and run again")
+        splits["dev" if (cells[1], cells[2]) in dev_ids else "train"].append("\t".join(cells))
+    for split, lines in splits.items():
+        part = target / f"{split}.tsv.part"
+        part.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(part, target / f"{split}.tsv")
+    for path in sources.values():
+        os.remove(path)
+    return target
+
+
+def download_glue(task: str, cache_dir=GLUE_CACHE_DIR) -> Path:
+    """Download one GLUE task's train.tsv and dev.tsv into cache_dir/<folder>; return that folder."""
+    spec = glue_spec(task)
+    target = Path(cache_dir) / spec.folder
+    target.mkdir(parents=True, exist_ok=True)
+    if spec.url is None:
+        return download_mrpc(target)
+    zip_path = download(spec.url, Path(cache_dir) / spec.url.rsplit("/", 1)[1])
+    with zipfile.ZipFile(zip_path) as archive:
+        for split in GLUE_SPLITS:
+            member = f"{spec.folder}/{split}.tsv"
+            if member not in archive.namelist():
+                raise ValueError(f"{spec.url}: the zip has no {member}; found {sorted(archive.namelist())}")
+            extract_member(archive, member, target / f"{split}.tsv")
+    os.remove(zip_path)
+    return target
+
+
+def resolve_glue_files(task: str, data_dir=None, cache_dir=GLUE_CACHE_DIR) -> dict[str, Path]:
+    """Paths of a GLUE task's train.tsv and dev.tsv.
+
+    data_dir given: data_dir/<folder> (e.g. /work/shared/data/glue/SST-2), or data_dir itself when it
+    is the task folder; no download. data_dir None: cache_dir/<folder>, downloaded on first use.
+    """
+    spec = glue_spec(task)
+    if data_dir is None:
+        folder = Path(cache_dir) / spec.folder
+        if not all((folder / f"{split}.tsv").exists() for split in GLUE_SPLITS):
+            download_glue(task, cache_dir)
+    else:
+        data_dir = Path(data_dir)
+        folder = data_dir / spec.folder if (data_dir / spec.folder).is_dir() else data_dir
+    paths = {split: folder / f"{split}.tsv" for split in GLUE_SPLITS}
+    missing = [str(path) for path in paths.values() if not path.exists()]
+    if missing:
+        raise FileNotFoundError(f"GLUE {spec.folder} files not found: {missing}; point --data-dir at the folder "
+                                f"holding {spec.folder}/train.tsv and dev.tsv, or leave it unset to download "
+                                "the official release")
     return paths
