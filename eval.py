@@ -9,9 +9,11 @@ measure_scores.py), re-implemented here so that they agree with it:
   METEOR      by the METEOR 1.5 jar (PyPI pycocoevalcap ships it), fed PTB-tokenised text;
   ROUGE-L     and CIDEr as the scorer's copy of pycocoevalcap computes them on PTB-tokenised text.
 All scores are on the official scale: BLEU 0-1 (0.6925, not 69.25), NIST ~8.7, CIDEr ~2.4.
+GLUE: accuracy, F1, Matthews, Pearson and Spearman correlation, as GLUE picks them per task.
 """
 import argparse
 import csv
+import functools
 import importlib.util
 import json
 import math
@@ -71,15 +73,15 @@ BLANK_LINE = re.compile(r"\n[^\S\n]*\n")
 
 
 class BlankLineStop:
-    """Token tables that tell, for every beam at once, which next token completes a blank line.
+    """Which next tokens complete a blank line, for every beam at once.
 
     A blank line may sit inside one token ("\\n\\n", ".\\n\\n") or be spread over several ("\\n",
     " ", "\\n"), so each beam carries one bit, `line_open`: its text ends with a newline and
-    optional spaces. Token t then completes a blank line if
-        closes[t]                   its own text holds a blank line, or
-        line_open and completes[t]  its text starts with optional spaces and a newline,
-    and afterwards line_open = opens[t] or (line_open and blank[t]): t's text ends with a newline
-    and optional spaces, or t is only spaces (or decodes to nothing) and leaves the bit as it was.
+    optional spaces. Four tables over the vocabulary, from each token's decoded text, then say
+        closes[t]     t's text holds a blank line                 -> t ends any beam
+        completes[t]  t's text starts with spaces and a newline   -> t ends a beam whose line is open
+        opens[t]      t's text ends with a newline and spaces     -> t opens a line
+        blank[t]      t's text is only spaces (or empty)          -> t leaves the bit as it was
     """
 
     def __init__(self, tokenizer, vocab_size: int):
@@ -94,6 +96,19 @@ class BlankLineStop:
         self.completes = table(r"\A[^\S\n]*\n")
         self.opens = table(r"\n[^\S\n]*\Z")
         self.blank = table(r"\A[^\S\n]*\Z")
+
+    def to(self, device) -> "BlankLineStop":
+        for name in ("closes", "completes", "opens", "blank"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def ending_tokens(self, line_open):
+        """(R, V): which token would complete a blank line after each of R beams' texts."""
+        return self.closes | (line_open[:, None] & self.completes)
+
+    def advance(self, line_open, tokens):
+        """Each beam's bit after appending tokens (R,)."""
+        return self.opens[tokens] | (line_open & self.blank[tokens])
 
 
 def block_repeated_ngrams(log_probs, generated, n: int) -> None:
@@ -135,15 +150,10 @@ def beam_search(model, prompts: list[list[int]], eos_token_id=None, config: Beam
                          f"{model.config.max_position} positions; shorten the prompt or lower max_new_tokens")
     device = model.lm_head.weight.device
     eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    # Per-token tables: ends_always[t] ends any hypothesis; ends_on_open_line[t] ends one whose last
-    # line is open (blank so far); opens/blank update that bit. Without blank_line, no line is open.
-    no_token = torch.zeros(V, dtype=torch.bool, device=device)
-    ends_always = no_token.clone()
-    ends_always[eos_ids] = True
-    ends_on_open_line, opens, blank = no_token, no_token, no_token
+    is_eos = torch.zeros(V, dtype=torch.bool, device=device)
+    is_eos[eos_ids] = True
     if blank_line is not None:
-        ends_always |= blank_line.closes.to(device)
-        ends_on_open_line, opens, blank = (t.to(device) for t in (blank_line.completes, blank_line.opens, blank_line.blank))
+        blank_line.to(device)
 
     # Prefill: left-pad the prompts (positions come from the mask), run them once, and give each
     # prompt's K beams a copy of its cache. Rows are prompt-major: row = prompt * K + beam.
@@ -166,10 +176,13 @@ def beam_search(model, prompts: list[list[int]], eos_token_id=None, config: Beam
         log_probs = F.log_softmax(model.lm_head(hidden).float(), dim=-1)  # (rows, V), fp32 sums
         block_repeated_ngrams(log_probs, generated[:, :step], cfg.no_repeat_ngram_size)
         scores = (running[:, :, None] + log_probs.view(n_prompts, K, V)).view(n_prompts, K * V)
-        if step == cfg.max_new_tokens - 1:
+        if step == cfg.max_new_tokens - 1:  # at the length limit every pair ends
             ends = torch.ones_like(scores, dtype=torch.bool)
         else:
-            ends = (ends_always | (line_open.view(n_prompts, K, 1) & ends_on_open_line)).view(n_prompts, K * V)
+            ends = is_eos.expand(n_prompts * K, V)
+            if blank_line is not None:
+                ends = ends | blank_line.ending_tokens(line_open)
+            ends = ends.reshape(n_prompts, K * V)
 
         # Finished hypotheses: the pairs among the K best that end here (step 2).
         top_scores, top_pairs = scores.topk(K, dim=1)
@@ -197,7 +210,8 @@ def beam_search(model, prompts: list[list[int]], eos_token_id=None, config: Beam
         mask = torch.cat([mask[rows], mask.new_ones(len(rows), 1)], dim=1)
         generated = generated[rows]
         generated[:, step] = tokens
-        line_open = opens[tokens] | (line_open[rows] & blank[tokens])
+        if blank_line is not None:
+            line_open = blank_line.advance(line_open[rows], tokens)
         hidden = model.hidden_states(tokens[:, None], attention_mask=mask, cache=cache)[:, -1]
     return best
 
@@ -275,7 +289,7 @@ _PTB_TOKEN = re.compile(rf"""
     | \.\.\. | -- | [?!]+                                     # multi-character punctuation
     | \S                                                     # any other symbol
 """, re.VERBOSE)
-_PTB_CLITIC = re.compile(r"(?i)^(.+?)(n['’]t|['’](?:s|re|ve|ll|d|m))$")  # don't -> do n't
+_PTB_CLITIC = re.compile(r"(?i)^(.*?)(n['’]t|['’](?:s|re|ve|ll|d|m))$")  # don't -> do n't
 # PTB splits a few fused words ("splitAssimilations").
 _PTB_FUSED = re.compile(r"(?i)^(can)(not)$|^(gon|got|wan)(na|ta)$|^(lem|gim)(me)$|^('t)(is|was)$")
 _PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
@@ -290,17 +304,20 @@ _COCO_PUNCTUATION = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "
 
 def tokenize_ptb(text: str) -> list[str]:
     """Tokens as the COCO scorers (METEOR, ROUGE-L, CIDEr) see them, lowercased, punctuation gone."""
-    text = text.replace("\n", " ").translate(_PTB_CURRENCY)
+    return [token for chunk in text.translate(_PTB_CURRENCY).split() for token in _ptb_chunk(chunk)]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _ptb_chunk(chunk: str) -> tuple[str, ...]:
+    # No rule joins or looks across whitespace, so each whitespace-free chunk is tokenised once.
     tokens = []
-    for token in _PTB_TOKEN.findall(text):
+    for token in _PTB_TOKEN.findall(chunk):
         split = _PTB_CLITIC.match(token) or _PTB_FUSED.match(token)
-        if split:
+        if split:  # clitics are written with a straight apostrophe
             tokens += [part.replace("’", "'") for part in split.groups() if part]
-        elif re.fullmatch(r"(?i)['’][sdm]|['’](?:re|ve|ll)|n['’]t", token):
-            tokens.append(token.replace("’", "'"))
         else:
             tokens.append(_PTB_BRACKETS.get(token, token))
-    return [t for t in (t.lower() for t in tokens) if t not in _COCO_PUNCTUATION]
+    return tuple(t for t in (t.lower() for t in tokens) if t not in _COCO_PUNCTUATION)
 
 
 def ngram_counts(tokens: list[str], n: int) -> Counter:
@@ -547,48 +564,146 @@ def e2e_metrics(hyps: list[str], refs: list[list[str]]) -> dict[str, float | Non
     }
 
 
+# -----------------------------------------------------------------------------
+# GLUE metrics: the benchmark's own choice per task, on the 0-1 scale (the paper reports x100).
+# Where a score is undefined (a constant prediction or label has no correlation) it is 0, as
+# sklearn's matthews_corrcoef returns, so that "best epoch" stays comparable; scipy gives NaN.
+
+
+def _check_predictions(predictions, labels):
+    if len(predictions) == 0 or len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions and {len(labels)} labels; "
+                         "need one prediction per label, and at least one")
+
+
+def accuracy(predictions, labels) -> float:
+    _check_predictions(predictions, labels)
+    return sum(p == y for p, y in zip(predictions, labels)) / len(labels)
+
+
+def f1_score(predictions, labels, positive=1) -> float:
+    """F1 of the positive class (MRPC: 1 = paraphrase) = 2TP / (2TP + FP + FN); 0 if no positives."""
+    _check_predictions(predictions, labels)
+    true_pos = sum(p == positive and y == positive for p, y in zip(predictions, labels))
+    wrong = sum((p == positive) != (y == positive) for p, y in zip(predictions, labels))  # FP + FN
+    return 2 * true_pos / (2 * true_pos + wrong) if true_pos + wrong else 0.0
+
+
+def matthews_correlation(predictions, labels) -> float:
+    """Matthews correlation from the confusion counts (the K-class form, which is the usual
+    (TP*TN - FP*FN) / sqrt(...) for two classes): (n*correct - sum_k p_k t_k) /
+    sqrt((n^2 - sum_k p_k^2)(n^2 - sum_k t_k^2)), p_k / t_k = predicted / true count of class k."""
+    _check_predictions(predictions, labels)
+    n, correct = len(labels), sum(p == y for p, y in zip(predictions, labels))
+    predicted, true = Counter(predictions), Counter(labels)
+    covariance = n * correct - sum(predicted[k] * true[k] for k in true)
+    variance_pred = n * n - sum(c * c for c in predicted.values())
+    variance_true = n * n - sum(c * c for c in true.values())
+    if variance_pred == 0 or variance_true == 0:
+        return 0.0
+    return covariance / math.sqrt(variance_pred * variance_true)
+
+
+def pearson_correlation(x, y) -> float:
+    _check_predictions(x, y)
+    x, y = [float(v) for v in x], [float(v) for v in y]
+    if len(set(x)) == 1 or len(set(y)) == 1:
+        return 0.0
+    mean_x, mean_y = math.fsum(x) / len(x), math.fsum(y) / len(y)
+    dx, dy = [v - mean_x for v in x], [v - mean_y for v in y]
+    covariance = math.fsum(a * b for a, b in zip(dx, dy))
+    return covariance / math.sqrt(math.fsum(a * a for a in dx) * math.fsum(b * b for b in dy))
+
+
+def average_ranks(values) -> list[float]:
+    """1-based ranks; tied values share the mean of the ranks they span."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks, start = [0.0] * len(values), 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for i in order[start:end + 1]:
+            ranks[i] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman_correlation(x, y) -> float:
+    """Pearson correlation of the average ranks."""
+    _check_predictions(x, y)
+    return pearson_correlation(average_ranks(x), average_ranks(y))
+
+
+GLUE_METRICS = {"cola": ("matthews",), "sst2": ("accuracy",), "mrpc": ("accuracy", "f1"),
+                "qnli": ("accuracy",), "rte": ("accuracy",), "stsb": ("pearson", "spearman")}
+_METRIC_FUNCTIONS = {"accuracy": accuracy, "f1": f1_score, "matthews": matthews_correlation,
+                     "pearson": pearson_correlation, "spearman": spearman_correlation}
+
+
+def glue_metrics(task: str, predictions, labels) -> dict[str, float]:
+    """The task's GLUE metrics: predictions are class ids (STS-B: similarity scores), one per label."""
+    if task not in GLUE_METRICS:
+        raise ValueError(f"unknown GLUE task {task!r}; choose one of {sorted(GLUE_METRICS)}")
+    return {name: _METRIC_FUNCTIONS[name](predictions, labels) for name in GLUE_METRICS[task]}
+
+
 # =============================================================================
 # File formats (as e2e-metrics reads them)
 # =============================================================================
 
 
+# e2e-metrics reads text with codecs.open, which ends a line at every Unicode line boundary
+# (\r, \x85, \u2028, ...), as str.splitlines does; the writers fold those into spaces so that
+# one output stays one line.
+
+
+def _read_lines(path) -> list[str]:
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.splitlines()).strip()
+
+
+def _write_text_atomic(path, text: str) -> None:
+    temporary = Path(path).with_name(Path(path).name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
 def read_hypotheses(path) -> list[str]:
     """One system output per line."""
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f]
+    return _read_lines(path)
 
 
 def write_hypotheses(path, hyps: list[str]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for hyp in hyps:
-            f.write(hyp.replace("\n", " ").strip() + "\n")
+    _write_text_atomic(path, "".join(_one_line(hyp) + "\n" for hyp in hyps))
 
 
 def read_multi_references(path) -> list[list[str]]:
     """Groups of reference lines separated by blank lines, one group per hypothesis."""
     groups = [[]]
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                groups[-1].append(line)
-            elif groups[-1]:
-                groups.append([])
+    for line in _read_lines(path):
+        if line:
+            groups[-1].append(line)
+        elif groups[-1]:
+            groups.append([])
     return groups if groups[-1] else groups[:-1]
 
 
 def write_multi_references(path, refs: list[list[str]]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n\n".join("\n".join(r.replace("\n", " ").strip() for r in group) for group in refs))
-        f.write("\n")
+    _write_text_atomic(path, "\n\n".join("\n".join(map(_one_line, group)) for group in refs) + "\n")
 
 
 def read_references(path) -> list[list[str]]:
     """References from multi-reference text, or from an E2E CSV (mr,ref) grouped by MR in order of
-    first appearance."""
+    first appearance. Text without any blank line holds one reference per output, as e2e-metrics
+    reads it."""
     if Path(path).suffix.lower() == ".csv":
         return [group for _, group in group_references(load_e2e_split(path))]
-    return read_multi_references(path)
+    groups = read_multi_references(path)
+    return [[ref] for ref in groups[0]] if len(groups) == 1 else groups
 
 
 # =============================================================================
