@@ -18,6 +18,7 @@ on the CPU otherwise. A run directory (--out-dir, default runs/<task>) ends up h
   GLUE: head.safetensors, the classification head, and dev_predictions.tsv).
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -30,12 +31,14 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 import data
 import eval as evaluation
 import kasa
-from model import ClassificationHead, load_pretrained
+from model import ClassificationHead, load_pretrained, save_hf_checkpoint, save_peft_adapter
 
 # -----------------------------------------------------------------------------
 # 1. Config
@@ -56,12 +59,13 @@ class TrainConfig:
     adapter_dropout: float = 0.1
     truncation: int = None                # triplets dropped per layer; None: r (the paper), 0: no truncation
     learn_sigma: bool = True              # False: Δσ fixed at 1 (ablation)
+    truncation_report: bool = True        # measure what the SVD truncation costs before training (kasa.py)
     beta: float = 1e-4                    # weight of L2 = Σ‖Δσ‖²                      (Eq. 11)
     gamma: float = 1e-3                   # weight of L3 = Σ‖BᵀB − I‖² + ‖AAᵀ − I‖²      (Eq. 11)
     # optimization
     lr: float = 2e-4
     weight_decay: float = 0.01
-    batch_size: int = 8
+    batch_size: int = 8                   # per process: torchrun with N processes trains on N × batch_size
     grad_accum: int = 1
     epochs: int = 5
     warmup_steps: int = 500
@@ -77,6 +81,7 @@ class TrainConfig:
     save_every: int = 1000
     resume: bool = False
     dtype: str = "auto"                   # auto: bf16 (or fp16) autocast on CUDA, float32 on the CPU
+    export: bool = False                  # also write RUN_DIR/export/hf (merged) and export/peft (LoRA of rank r+t)
     # evaluation (the LoRA paper's E2E decoding)
     eval: bool = True
     num_beams: int = 10
@@ -200,6 +205,29 @@ def adapt_model(model: nn.Module, config: TrainConfig) -> list:
     return names
 
 
+def text_loss(model, batch) -> torch.Tensor:
+    """Mean next-token loss over every real token of a right-padded batch, no label smoothing:
+    how well the model knows the text itself, whatever the task's own loss is."""
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return model(input_ids[:, :-1], targets, attention_mask=mask[:, :-1])[1]
+
+
+def report_truncation(model, probe_batches: list, device, amp_dtype, out_dir: Path) -> dict:
+    """Step 1's cost on this model, measured before training (kasa.truncation_report), printed worst
+    layers first and saved as RUN_DIR/truncation_report.json. It only reports: a warning names the
+    layers and the flags that avoid them (--targets, --truncation 0), and the run goes on as configured."""
+    batches = [{k: v.to(device) for k, v in batch.items()} for batch in probe_batches]
+
+    def compute_loss():
+        with torch.autocast(device.split(":")[0], dtype=amp_dtype, enabled=amp_dtype is not None):
+            return sum(text_loss(model, batch).float() for batch in batches) / len(batches)
+    report = kasa.truncation_report(model, compute_loss)
+    print(kasa.format_truncation_report(report), flush=True)
+    write_text_atomic(out_dir / "truncation_report.json", json.dumps(report, indent=1))
+    return report
+
+
 # -----------------------------------------------------------------------------
 # 3. Tasks: what a batch is, its loss, and how the trained model is scored
 
@@ -208,7 +236,8 @@ def adapt_model(model: nn.Module, config: TrainConfig) -> list:
 class Task:
     train_examples: list                  # whatever `collate` takes, one item per training example
     collate: Callable                     # list of examples -> dict of tensors
-    loss: Callable                        # (model, batch) -> mean task loss
+    loss: Callable                        # (model, batch) -> mean task loss over the batch's loss units
+    loss_units: Callable                  # batch -> how many units that mean is over (E2E: target tokens)
     evaluate: Callable                    # (model, out_dir) -> metrics dict
     probe_batches: list                   # a few fixed batches for the truncation report
     head: nn.Module = None                # a task head (GLUE): trains with the adapter, saved beside it
@@ -246,7 +275,8 @@ def e2e_task(config: TrainConfig, model, tokenizer) -> Task:
     def evaluate(model, out_dir):
         return evaluation.evaluate_e2e(model, tokenizer, test_groups, eos_id, out_dir, beam, config.eval_batch_size)
 
-    return Task(train, collate, loss, evaluate, probe_batches=[collate(train[i:i + 8]) for i in (0, 8)])
+    return Task(train, collate, loss, lambda batch: int((batch["targets"] != -100).sum()), evaluate,
+                probe_batches=[collate(train[i:i + 8]) for i in (0, 8)])
 
 
 # The metric that picks the best epoch, as in the official KaSA GLUE script.
@@ -299,7 +329,8 @@ def glue_task(config: TrainConfig, model, tokenizer) -> Task:
             f"{prediction}\t{label}\n" for prediction, label in zip(predictions, labels)))
         return evaluation.glue_metrics(config.task, predictions, labels)
 
-    return Task(train, collate, loss, evaluate, probe_batches=[collate(train[i:i + 8]) for i in (0, 8)],
+    return Task(train, collate, loss, lambda batch: len(batch["labels"]), evaluate,
+                probe_batches=[collate(train[i:i + 8]) for i in (0, 8)],
                 head=head, select_by=GLUE_SELECT_BY[config.task])
 
 
@@ -337,24 +368,54 @@ def format_seconds(seconds: float) -> str:
 # -----------------------------------------------------------------------------
 
 
+class TaskLoss(nn.Module):
+    """The model, the task's head and its loss as one module: what DistributedDataParallel wraps, so
+    that every trainable parameter (adapter and head) is reached through forward()."""
+
+    def __init__(self, model: nn.Module, head: nn.Module | None, loss: Callable):
+        super().__init__()
+        self.model, self.head, self.loss = model, head, loss
+
+    def forward(self, batch):
+        return self.loss(self.model, batch)
+
+
+def init_distributed():
+    """(rank, world size, device) under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK), or one process."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if world == 1:
+        return 0, 1, device
+    if device != "cpu":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device != "cpu" else "gloo")
+    return dist.get_rank(), world, device
+
+
 def main(argv=None):
     config = parse_config(argv)
     out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
+    rank, world, device = init_distributed()
+    is_main = rank == 0                     # rank 0 alone prints, writes checkpoints and evaluates
+    log = print if is_main else (lambda *args, **kwargs: None)
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)         # the same seed on every rank: the same adapter init
 
     # Device and precision: on CUDA the frozen base is stored in the autocast dtype (half the
     # memory) while the adapter stays float32; on the CPU everything is float32.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = device.split(":")[0]
     if config.dtype == "auto":
-        amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device == "cuda" else None
+        amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device_type == "cuda" else None
     else:
         amp_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
-    base_dtype = amp_dtype if device == "cuda" and amp_dtype is not None and config.method != "full" else torch.float32
-    scaler = torch.amp.GradScaler(device, enabled=amp_dtype == torch.float16)
+    base_dtype = amp_dtype if device_type == "cuda" and amp_dtype is not None and config.method != "full" else torch.float32
+    scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == torch.float16)
 
-    # 2. Model: pretrained weights, then the adapter. KaSA's SVD truncation happens here, or, on
-    #    --resume, the saved truncation and adapter are loaded instead (no SVD).
+    # 2. Model: pretrained weights, then the adapter. KaSA's SVD truncation happens here, on every
+    #    rank (the SVD is deterministic, and DDP also broadcasts rank 0's weights), or, on --resume,
+    #    the saved truncation and adapter are loaded instead (no SVD).
     model, tokenizer = load_pretrained(config.model, dtype=base_dtype, device=device)
     checkpoint_path = out_dir / "checkpoint.pt"
     resumed = None
@@ -364,35 +425,48 @@ def main(argv=None):
         resumed = torch.load(checkpoint_path, map_location=device, weights_only=True)
         if resumed["config"] != {**dataclasses.asdict(config), "resume": False}:
             changed = {k: v for k, v in dataclasses.asdict(config).items() if resumed["config"].get(k) != v}
-            print(f"note: resuming with changed settings {changed}")
+            log(f"note: resuming with changed settings {changed}")
     task = TASKS[config.task](config, model, tokenizer)
     replaced = adapt_model(model, config) if resumed is None or config.method == "full" else \
         kasa.load_kasa_state_dict(model, resumed["adapter"], dropout=config.adapter_dropout)
     if resumed is not None and config.method == "full":
         model.load_state_dict(resumed["model"])
+    if resumed is None and config.method == "kasa" and config.truncation_report and is_main:
+        report_truncation(model, task.probe_batches, device, amp_dtype, out_dir)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if task.head is not None:  # outside the model, so apply_kasa's freezing leaves it trainable
         if resumed is not None:
             task.head.load_state_dict(resumed["head"])
         trainable += list(task.head.parameters())
-    print(f"{config.method} on {len(replaced)} layers (r={config.r}, α={config.alpha}): "
-          f"{sum(p.numel() for p in trainable):,} trainable of {model.num_params():,} parameters")
-    write_text_atomic(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
+    log(f"{config.method} on {len(replaced)} layers (r={config.r}, α={config.alpha}): "
+        f"{sum(p.numel() for p in trainable):,} trainable of {model.num_params():,} parameters"
+        + (f"; {world} processes" if world > 1 else ""))
+    if is_main:
+        write_text_atomic(out_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
+    task_loss_module = TaskLoss(model, task.head, task.loss)
+    if world > 1:  # after the adapter exists, so every rank has the same truncated base and the same trainables
+        task_loss_module = DistributedDataParallel(task_loss_module, device_ids=None if device == "cpu" else [device])
 
     # 3. Data: each epoch's order is fixed by (seed, epoch), so a resumed run sees exactly the
-    #    batches an uninterrupted one would.
+    #    batches an uninterrupted one would. A global batch of world × batch_size examples is dealt
+    #    out round-robin: rank i takes examples i, i + world, ...
     train_examples = task.train_examples[:config.max_train_examples or None]
-    batches_per_epoch = math.ceil(len(train_examples) / config.batch_size)
+    global_batch = config.batch_size * world
+    batches_per_epoch = math.ceil(len(train_examples) / global_batch)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum)
     total_steps = min(math.inf if config.max_steps is None else config.max_steps, steps_per_epoch * config.epochs)
 
     def micro_batches(start: int):
+        """Yields (epoch, this rank's batch, whether it holds examples). The last global batch of an
+        epoch may leave a rank without examples: it then computes on one borrowed example with
+        weight zero, so that every rank still takes part in the gradient all-reduce."""
         epoch, first = divmod(start, batches_per_epoch)
         while True:
             order = torch.randperm(len(train_examples), generator=torch.Generator().manual_seed(config.seed + epoch))
             for index in range(first, batches_per_epoch):
-                chunk = order[index * config.batch_size:(index + 1) * config.batch_size]
-                yield epoch, task.collate([train_examples[i] for i in chunk])
+                chunk = order[index * global_batch:(index + 1) * global_batch]
+                mine = chunk[rank::world]
+                yield epoch, task.collate([train_examples[i] for i in (mine if len(mine) else chunk[:1])]), len(mine) > 0
             epoch, first = epoch + 1, 0
 
     # 4. Optimizer and schedule: linear warmup, then linear decay to zero.
@@ -412,10 +486,10 @@ def main(argv=None):
         scheduler.load_state_dict(resumed["scheduler"])
         scaler.load_state_dict(resumed["scaler"])
         torch.set_rng_state(resumed["rng"]["cpu"])
-        if device == "cuda" and resumed["rng"]["cuda"] is not None:
+        if device_type == "cuda" and resumed["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(resumed["rng"]["cuda"])
         step, history, evaluations = resumed["step"], resumed["history"], resumed.get("evaluations", [])
-        print(f"resumed from {checkpoint_path} at step {step}")
+        log(f"resumed from {checkpoint_path} at step {step}")
 
     def save_checkpoint():
         save_atomic({
@@ -426,7 +500,7 @@ def main(argv=None):
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
             "rng": {"cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state() if device == "cuda" else None},
+                    "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None},
             "step": step,
             "history": history,
             "evaluations": evaluations,
@@ -437,29 +511,44 @@ def main(argv=None):
         """The task's metrics for the model as it is now, labelled with the epochs trained so far."""
         return {**task.evaluate(model, out_dir), "epoch": round(step / steps_per_epoch, 2)}
 
-    # 5. Train.
+    def all_ranks_sum(*values: float) -> list:
+        if world == 1:
+            return list(values)
+        total = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        return total.tolist()
+
+    # 5. Train. One optimizer step averages the task loss over every loss unit (E2E: target token)
+    #    of its grad_accum micro-batches on all ranks, so it equals one big batch's loss however
+    #    the batch is split. DDP averages gradients over ranks, hence the factor world.
     regularize = bool(replaced) and (config.beta > 0 or config.gamma > 0)
     batches = micro_batches(start=step * config.grad_accum)
     model.train()
     tokens_seen, start_time, start_step = 0, time.time(), step
     while step < total_steps:
-        task_loss_sum = 0.0
-        for _ in range(config.grad_accum):
-            epoch, batch = next(batches)
+        micro = [next(batches) for _ in range(config.grad_accum)]
+        units = [task.loss_units(batch) if has_examples else 0 for _, batch, has_examples in micro]
+        (step_units,) = all_ranks_sum(sum(units))
+        task_loss_sum, step_tokens = 0.0, 0
+        for i, ((epoch, batch, _), batch_units) in enumerate(zip(micro, units)):
             batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None):
-                task_loss = task.loss(model, batch)
-            l2, l3 = kasa.kasa_regularization(model) if regularize else (torch.zeros(()), torch.zeros(()))
-            # Eq. 11, divided by grad_accum so that the summed gradients equal one big batch's.
-            loss = (task_loss.float() + config.beta * l2 + config.gamma * l3) / config.grad_accum
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"step {step}: the loss is {loss.item()} (task {task_loss.item()}, l2 {l2.item()}, "
-                    f"l3 {l3.item()}); the last good checkpoint is {checkpoint_path}. Try a lower --lr, "
-                    "--grad-clip 1.0, or --dtype float32.")
-            scaler.scale(loss).backward()
-            task_loss_sum += task_loss.item() / config.grad_accum
-            tokens_seen += int(batch["attention_mask"].sum())
+            last = i == config.grad_accum - 1  # DDP all-reduces the summed gradients after the last backward only
+            with contextlib.nullcontext() if world == 1 or last else task_loss_module.no_sync():
+                with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    task_loss = task_loss_module(batch)
+                l2, l3 = kasa.kasa_regularization(model) if regularize else (torch.zeros(()), torch.zeros(()))
+                # Eq. 11 for the whole step: the task loss weighted by this batch's share of the step's
+                # units, the regularizer once in total (1 / grad_accum per micro-batch).
+                loss = (task_loss.float() * (batch_units * world / step_units)
+                        + (config.beta * l2 + config.gamma * l3) / config.grad_accum)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"step {step}: the loss is {loss.item()} (task {task_loss.item()}, l2 {l2.item()}, "
+                        f"l3 {l3.item()}); the last good checkpoint is {checkpoint_path}. Try a lower --lr, "
+                        "--grad-clip 1.0, or --dtype float32.")
+                scaler.scale(loss).backward()
+            task_loss_sum += task_loss.item() * batch_units / step_units
+            step_tokens += int(batch["attention_mask"].sum())
         if config.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
@@ -468,27 +557,40 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
-        history.append({"step": step, "epoch": epoch, "loss": task_loss_sum, "l2": l2.item(), "l3": l3.item(),
+        step_loss, step_tokens = all_ranks_sum(task_loss_sum, step_tokens)
+        tokens_seen += step_tokens
+        history.append({"step": step, "epoch": epoch, "loss": step_loss, "l2": l2.item(), "l3": l3.item(),
                         "lr": scheduler.get_last_lr()[0]})
         if step % config.log_every == 0 or step == total_steps:
             elapsed = time.time() - start_time
             eta = elapsed / (step - start_step) * (total_steps - step)
-            print(f"step {step}/{total_steps} | loss {task_loss_sum:.4f} | l2 {l2.item():.3f} | l3 {l3.item():.3f} "
-                  f"| lr {scheduler.get_last_lr()[0]:.2e} | {tokens_seen / elapsed:,.0f} tok/s | "
-                  f"ETA {format_seconds(eta)}", flush=True)
-        if config.eval and task.select_by and step % steps_per_epoch == 0 and step < total_steps:
+            log(f"step {step}/{total_steps} | loss {step_loss:.4f} | l2 {l2.item():.3f} | l3 {l3.item():.3f} "
+                f"| lr {scheduler.get_last_lr()[0]:.2e} | {tokens_seen / elapsed:,.0f} tok/s | "
+                f"ETA {format_seconds(eta)}", flush=True)
+        if is_main and config.eval and task.select_by and step % steps_per_epoch == 0 and step < total_steps:
             model.eval()  # the last epoch is scored below, on the merged model
             evaluations.append(score())
             model.train()
-            print(f"dev after epoch {evaluations[-1]['epoch']:g}: {evaluations[-1]}", flush=True)
-        if step % config.save_every == 0 or step == total_steps:
+            log(f"dev after epoch {evaluations[-1]['epoch']:g}: {evaluations[-1]}", flush=True)
+        if is_main and (step % config.save_every == 0 or step == total_steps):
             save_checkpoint()
+    if world > 1:
+        dist.destroy_process_group()
+    if not is_main:
+        return None
     write_text_atomic(out_dir / "history.json", json.dumps(history, indent=1))
     if replaced:
         save_safetensors(kasa.kasa_state_dict(model), out_dir / "adapter.safetensors")
     if task.head is not None:
         save_safetensors(task.head.state_dict(), out_dir / "head.safetensors")
     print(f"trained {step} steps; checkpoint in {checkpoint_path}")
+    evaluation.write_plots(out_dir)
+    if config.export:
+        save_hf_checkpoint(model, tokenizer, out_dir / "export" / "hf")
+        if replaced:
+            save_peft_adapter(model, out_dir / "export" / "peft", base_model_name_or_path=config.model)
+        print(f"exported to {out_dir / 'export'}: hf/ (merged, for transformers) "
+              + ("and peft/ (a LoRA adapter for the original model)" if replaced else ""))
 
     # 6. Evaluate: merge ΔW into the weights (zero added latency), decode, score.
     if not config.eval:

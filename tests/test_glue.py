@@ -3,7 +3,6 @@ and train.py end to end on a tiny random GPT-2 (SST-2 classification, STS-B regr
 import csv
 import dataclasses
 import json
-import shutil
 import zipfile
 
 import pytest
@@ -164,22 +163,6 @@ def test_padded_batch_scores_equal_each_sequence_alone(family):
 
 
 # ----------------------------------------------------------------------------- train.py end to end
-
-@pytest.fixture(scope="module")
-def tiny_gpt2_dir(tmp_path_factory):
-    """A random 2-layer GPT-2 (no pad token) in Hugging Face layout, with the real GPT-2 BPE files."""
-    from conftest import SHARED_DATA
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=128, n_embd=32, n_layer=2, n_head=2)
-    assert cfg.pad_token_id is None
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
-    for name in ("vocab.json", "vocab.bpe"):
-        shutil.copy(SHARED_DATA / "gpt2-tokenizer" / name, path / name)
-    return path
-
 
 def glue_args(task, model_dir, shared_data, out_dir, *extra):
     return ["--task", task, "--model", str(model_dir), "--data-dir", str(shared_data / "glue"),

@@ -1,6 +1,5 @@
 """train.py end to end on a tiny random GPT-2 with the real GPT-2 tokenizer and real E2E rows. Offline."""
 import json
-import shutil
 
 import pytest
 import torch
@@ -9,21 +8,6 @@ import kasa
 import train
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2_dir(tmp_path_factory):
-    """A random 2-layer GPT-2 in Hugging Face layout, with the real GPT-2 BPE files beside it."""
-    from conftest import SHARED_DATA
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=128, n_embd=32, n_layer=2, n_head=2)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
-    for name in ("vocab.json", "vocab.bpe"):
-        shutil.copy(SHARED_DATA / "gpt2-tokenizer" / name, path / name)
-    return path
 
 
 def run_args(model_dir, shared_data, out_dir, *extra):
@@ -95,11 +79,17 @@ def test_baselines_start_from_the_pretrained_function(tiny_gpt2_dir, method):
 
 def test_e2e_end_to_end_train_decode_score(tiny_gpt2_dir, shared_data, tmp_path):
     """A few steps on real E2E rows, then the merged model beam-searches a few test MRs and is scored;
-    eval.py --checkpoint on the run dir reproduces the same outputs from the saved adapter."""
+    eval.py --checkpoint on the run dir reproduces the same outputs from the saved adapter. The run
+    also leaves its truncation report and, with --export, a merged HF checkpoint and a PEFT adapter."""
     import eval as evaluation
     out = tmp_path / "run"
     metrics = train.main(run_args(tiny_gpt2_dir, shared_data, out, "--max-steps", "4", "--max-eval-examples", "5",
-                                  "--num-beams", "3", "--max-new-tokens", "8", "--eval-batch-size", "2"))
+                                  "--num-beams", "3", "--max-new-tokens", "8", "--eval-batch-size", "2",
+                                  "--export"))
+    report = json.loads((out / "truncation_report.json").read_text())
+    assert len(report["layers"]) == 4 and all(row["truncation"] == 4 for row in report["layers"])  # 2 blocks × q, v
+    assert {p.name for p in (out / "export").iterdir()} == {"hf", "peft"}
+    assert (out / "export" / "peft" / "adapter_config.json").is_file() and (out / "export" / "hf" / "config.json").is_file()
     assert set(metrics) >= {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"} and metrics["train_steps"] == 4
     assert metrics["eval_mrs"] == 5 and 0 <= metrics["BLEU"] <= 1
     assert json.loads((out / "metrics.json").read_text()) == metrics
