@@ -58,6 +58,7 @@ class TrainConfig:
     alpha: float = 32.0
     adapter_dropout: float = 0.1
     truncation: int = None                # triplets dropped per layer; None: r (the paper), 0: no truncation
+    untruncated_targets: tuple = ()       # targets KaSA adapts without truncating (those the report shows it hurts)
     learn_sigma: bool = True              # False: Δσ fixed at 1 (ablation)
     truncation_report: bool = True        # measure what the SVD truncation costs before training (kasa.py)
     beta: float = 1e-4                    # weight of L2 = Σ‖Δσ‖²                      (Eq. 11)
@@ -198,8 +199,18 @@ def adapt_model(model: nn.Module, config: TrainConfig) -> list:
     targets = resolve_targets(config.targets, model)
     switches = {"kasa": dict(truncation=config.truncation, learn_sigma=config.learn_sigma)}.get(
         config.method, dict(truncation=0, learn_sigma=False))  # LoRA, PiSSA, MiLoRA: no truncation, no σ
-    names = kasa.apply_kasa(model, targets=targets, r=config.r, alpha=config.alpha,
-                            dropout=config.adapter_dropout, **switches)
+    untruncated = tuple(t for t in config.untruncated_targets if t in targets)
+    if config.untruncated_targets and (len(untruncated) != len(config.untruncated_targets) or config.method != "kasa"):
+        sys.exit(f"--untruncated-targets {','.join(config.untruncated_targets)}: each must be one of the "
+                 f"--targets ({','.join(targets)}), and only --method kasa truncates")
+    names = []
+    if untruncated:  # the same KaSA layer with step 1 off, on the targets whose smallest triplets matter
+        names += kasa.apply_kasa(model, targets=untruncated, r=config.r, alpha=config.alpha,
+                                 dropout=config.adapter_dropout, truncation=0, learn_sigma=config.learn_sigma)
+    truncated = tuple(t for t in targets if t not in untruncated)
+    if truncated:
+        names += kasa.apply_kasa(model, targets=truncated, r=config.r, alpha=config.alpha,
+                                 dropout=config.adapter_dropout, **switches)
     if config.method in ("pissa", "milora"):
         init_from_principal_or_minor_components(model, "largest" if config.method == "pissa" else "smallest")
     return names

@@ -77,6 +77,23 @@ def test_baselines_start_from_the_pretrained_function(tiny_gpt2_dir, method):
     torch.testing.assert_close(model(ids)[0], before, atol=1e-5, rtol=0)
 
 
+def test_untruncated_targets_keep_their_full_weight(tiny_gpt2_dir):
+    """--untruncated-targets v_proj: KaSA on q and v, but only q loses its r smallest triplets."""
+    from model import load_pretrained
+    model, _ = load_pretrained(tiny_gpt2_dir)
+    original = {name: model.blocks[0].attn.get_submodule(name).weight.detach().clone() for name in ("q_proj", "v_proj")}
+    names = train.adapt_model(model, train.TrainConfig(r=4, alpha=8, untruncated_targets=("v_proj",)))
+    assert sorted(names) == sorted(f"blocks.{i}.attn.{p}" for i in range(2) for p in ("q_proj", "v_proj"))
+    q, v = model.blocks[0].attn.q_proj, model.blocks[0].attn.v_proj
+    assert q.kasa_dropped_Vt.shape[0] == 4 and v.kasa_dropped_Vt.shape[0] == 0
+    torch.testing.assert_close(v.weight, original["v_proj"], atol=0, rtol=0)
+    S = torch.linalg.svdvals(q.weight.double())
+    assert S[-4:].max() < 1e-5 * S[0] < S[-5]   # rank k − r
+    assert q.kasa_sigma.requires_grad and v.kasa_sigma.requires_grad
+    with pytest.raises(SystemExit, match="untruncated-targets"):
+        train.adapt_model(load_pretrained(tiny_gpt2_dir)[0], train.TrainConfig(untruncated_targets=("k_proj",)))
+
+
 def test_e2e_end_to_end_train_decode_score(tiny_gpt2_dir, shared_data, tmp_path):
     """A few steps on real E2E rows, then the merged model beam-searches a few test MRs and is scored;
     eval.py --checkpoint on the run dir reproduces the same outputs from the saved adapter. The run
