@@ -128,6 +128,15 @@ def linearize_mr(mr: str) -> str:
     return " | ".join(f"{LORA_SLOT_NAMES.get(slot, slot)} : {value}" for slot, value in parse_mr(mr))
 
 
+def eos_and_pad_ids(model_config) -> tuple[int, int]:
+    """The model's eos id (the first, when it lists several, as Llama 3 does), which also separates
+    context from completion; and its pad id, or eos when it has none (GPT-2). Padding never enters a
+    loss or an attention, so any id works; eos keeps the vocabulary as it is."""
+    eos_id = model_config.eos_token_id
+    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+    return eos_id, model_config.pad_token_id if model_config.pad_token_id is not None else eos_id
+
+
 def encode_e2e_context(tokenizer, mr: str, eos_id: int) -> list[int]:
     """Prompt tokens for an MR: the linearised MR, then the separator token (eos_id, as LoRA)."""
     return tokenizer.encode(linearize_mr(mr)).ids + [eos_id]

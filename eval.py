@@ -12,7 +12,6 @@ All scores are on the official scale: BLEU 0-1 (0.6925, not 69.25), NIST ~8.7, C
 GLUE: accuracy, F1, Matthews, Pearson and Spearman correlation, as GLUE picks them per task.
 """
 import argparse
-import csv
 import functools
 import importlib.util
 import json
@@ -746,11 +745,10 @@ def load_run(run_dir, device="cpu"):
 
 def evaluate_run(run_dir) -> dict:
     """`python eval.py --task e2e --checkpoint RUN_DIR`: decode and score with a run's own settings."""
-    from data import resolve_e2e_files
+    from data import eos_and_pad_ids, resolve_e2e_files
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer, config = load_run(run_dir, device)
-    eos_id = model.config.eos_token_id
-    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
+    eos_id, _ = eos_and_pad_ids(model.config)
     test = resolve_e2e_files(config["data_version"], config["data_dir"])["test"]
     groups = group_references(load_e2e_split(test))[:config["max_eval_examples"] or None]
     beam = BeamSearchConfig(config["num_beams"], config["max_new_tokens"], config["length_penalty"],

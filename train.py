@@ -12,7 +12,10 @@ A plain PyTorch loop, top to bottom:
      GLUE scores its dev set after every epoch too, and reports the final and the best epoch
 
 Runs on CUDA when available (bf16 autocast, or fp16 with a GradScaler on GPUs without bf16),
-on the CPU otherwise. A run directory (--out-dir, default runs/<task>) ends up holding:
+on the CPU otherwise; `torchrun --nproc_per_node=N train.py ...` trains on N processes (DDP).
+Every KaSA init first reports what the SVD truncation costs (truncation_report.json), and
+training ends with plots (plots/*.png) and, with --export, PEFT and Hugging Face copies.
+A run directory (--out-dir, default runs/<task>) ends up holding:
   config.json, checkpoint.pt (adapter + optimizer + RNG + data position), adapter.safetensors,
   history.json (losses), metrics.json, and the task's outputs (E2E: predictions.txt, references.txt;
   GLUE: head.safetensors, the classification head, and dev_predictions.tsv).
@@ -260,9 +263,7 @@ def e2e_task(config: TrainConfig, model, tokenizer) -> Task:
     if tokenizer is None:
         sys.exit(f"{config.model} ships no tokenizer; E2E needs one (tokenizer.json, vocab.json + merges.txt, "
                  "or a GGUF with a gpt2-style vocabulary)")
-    eos_id = model.config.eos_token_id
-    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
-    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else eos_id
+    eos_id, pad_id = data.eos_and_pad_ids(model.config)
     paths = data.resolve_e2e_files(config.data_version, config.data_dir)
     train_path = paths["train"]
     if train_path is None:
@@ -302,11 +303,9 @@ def glue_task(config: TrainConfig, model, tokenizer) -> Task:
         sys.exit(f"{config.model} ships no tokenizer; GLUE needs one (tokenizer.json, vocab.json + merges.txt, "
                  "or a GGUF with a gpt2-style vocabulary)")
     spec = data.glue_spec(config.task)
-    eos_id = model.config.eos_token_id
-    eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
-    # GPT-2 has no pad token, so pad with eos: padding never matters, as the attention mask hides it
-    # and the head reads the last position where the mask is 1. eos also separates a pair's sentences.
-    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else eos_id
+    # The head reads the last position where the attention mask is 1, so padding (eos for GPT-2)
+    # never matters. eos also separates a pair's sentences.
+    eos_id, pad_id = data.eos_and_pad_ids(model.config)
     paths = data.resolve_glue_files(config.task, config.data_dir)
 
     def encode(split, limit):  # tokenize only the rows that will be used (SST-2 has 67k)
