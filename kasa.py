@@ -468,7 +468,9 @@ def _truncation_warning(rows: list, increase: float, warn_above: float) -> str:
         kind = row["name"].rpartition(".")[2]
         by_kind[kind] = by_kind.get(kind, 0.0) + row["delta_loss"]
     harmless = sorted(kind for kind, delta in by_kind.items() if delta <= warn_above)
-    retarget = (f"adapt only {','.join(harmless)} (train.py --targets {','.join(harmless)}), or "
+    harmful = sorted(set(by_kind) - set(harmless))
+    retarget = (f"adapt only {','.join(harmless)} (train.py --targets {','.join(harmless)}), or adapt "
+                f"{','.join(harmful)} without truncation (train.py --untruncated-targets {','.join(harmful)}), or "
                 if 0 < len(harmless) < len(by_kind) else "")
     worst = [row for row in rows if row["delta_loss"] > 0][:3]
     return (f"truncation raises the loss by {increase:+.3f} nats before training (per projection: "

@@ -483,6 +483,10 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
 
     warmup_steps = round(config.warmup_ratio * total_steps) if config.warmup_ratio > 0 else config.warmup_steps
+    if 0 < total_steps <= warmup_steps:
+        log(f"note: the warmup ({warmup_steps} steps) is not shorter than the run ({total_steps} steps), so the "
+            f"learning rate never reaches --lr {config.lr:g}; for short runs pass e.g. --warmup-steps "
+            f"{max(1, total_steps // 10)}")
 
     def lr_factor(step):
         if step < warmup_steps:
