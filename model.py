@@ -21,6 +21,7 @@ Interface used by the rest of the project:
 
     model, tokenizer = load_pretrained("path/or/hub-id/or/file.gguf", dtype=torch.bfloat16)
     logits, loss = model(input_ids, targets)       # targets already shifted by the caller
+    loss = model.loss(input_ids, targets, attention_mask)  # the same loss, logits only where there are targets
     h = model.hidden_states(input_ids, attention_mask)               # (B, T, d), final-normed
     scores = ClassificationHead(d_model, num_labels)(h, attention_mask)  # GLUE: reads the last real token
     cache = model.new_cache(batch_size, max_len)   # then model(new_ids, attention_mask=..., cache=cache)
@@ -293,12 +294,22 @@ class Block(nn.Module):
 
 # ----------------------------------------------------------------------------- model
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding with its N(0, 1) init, skipped on the meta device (load_pretrained builds there and
+    assigns every tensor from the checkpoint): normal_ on a meta tensor imports torch._dynamo, which
+    costs more than reading a small model's weights."""
+    weight = torch.empty(num, dim)
+    if not weight.is_meta:
+        nn.init.normal_(weight)
+    return nn.Embedding.from_pretrained(weight, freeze=False)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.max_position, cfg.d_model) if cfg.family == "gpt2" else None
+        self.tok_emb = embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = embedding(cfg.max_position, cfg.d_model) if cfg.family == "gpt2" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
@@ -385,6 +396,16 @@ class Transformer(nn.Module):
                                    label_smoothing=label_smoothing)
         return logits, loss
 
+    def loss(self, input_ids, targets, attention_mask=None, ignore_index: int = -100, label_smoothing: float = 0.0):
+        """forward's loss, without the logits: the lm_head and the cross-entropy run only where targets
+        != ignore_index. A training step needs nothing else, and the lm_head is a fifth of a small
+        model's compute (SmolLM2-135M: 49152 x 576) and its fp32 logits the largest activation;
+        in E2E fine-tuning about half the positions (the MR and the padding) have no target."""
+        hidden = self.hidden_states(input_ids, attention_mask)
+        has_target = targets != ignore_index
+        return F.cross_entropy(self.lm_head(hidden[has_target]).float(), targets[has_target],
+                               label_smoothing=label_smoothing)
+
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, eos_token_id=None, attention_mask=None):
         """Greedy decoding with a KV cache. Batched prompts must be LEFT-padded (with attention_mask).
@@ -393,7 +414,7 @@ class Transformer(nn.Module):
         is padded with that eos id until every row is done.
         """
         B, T = input_ids.shape
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        mask = attention_mask  # None: no padding, and no mask to build at every step
         eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=input_ids.device).flatten()
         cache = self.new_cache(B, T + max_new_tokens)
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -405,7 +426,8 @@ class Transformer(nn.Module):
                 token = torch.where(done, eos[0], token)
                 done |= torch.isin(token, eos)
             out, step = torch.cat([out, token[:, None]], 1), token[:, None]
-            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
             if done.all():
                 break
         return out

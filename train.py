@@ -224,7 +224,7 @@ def text_loss(model, batch) -> torch.Tensor:
     how well the model knows the text itself, whatever the task's own loss is."""
     input_ids, mask = batch["input_ids"], batch["attention_mask"]
     targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    return model(input_ids[:, :-1], targets, attention_mask=mask[:, :-1])[1]
+    return model.loss(input_ids[:, :-1], targets, attention_mask=mask[:, :-1])
 
 
 def report_truncation(model, probe_batches: list, device, amp_dtype, out_dir: Path) -> dict:
@@ -278,8 +278,8 @@ def e2e_task(config: TrainConfig, model, tokenizer) -> Task:
     collate = lambda examples: data.collate_e2e(examples, pad_id=pad_id)  # noqa: E731
 
     def loss(model, batch):
-        return model(batch["input_ids"], batch["targets"], attention_mask=batch["attention_mask"],
-                     label_smoothing=config.label_smoothing)[1]
+        return model.loss(batch["input_ids"], batch["targets"], attention_mask=batch["attention_mask"],
+                          label_smoothing=config.label_smoothing)  # lm_head at target positions only
 
     beam = evaluation.BeamSearchConfig(config.num_beams, config.max_new_tokens, config.length_penalty,
                                        config.no_repeat_ngram_size)
@@ -598,7 +598,8 @@ def main(argv=None):
     if task.head is not None:
         save_safetensors(task.head.state_dict(), out_dir / "head.safetensors")
     print(f"trained {step} steps; checkpoint in {checkpoint_path}")
-    evaluation.write_plots(out_dir)
+    if history:  # nothing to draw after --max-steps 0
+        evaluation.write_plots(out_dir)
     if config.export:
         save_hf_checkpoint(model, tokenizer, out_dir / "export" / "hf")
         if replaced:

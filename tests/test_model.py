@@ -270,3 +270,21 @@ def test_error_hub_unreachable(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(OSError, match="hub may be unreachable"):
         M.load_pretrained("someone/some-model")
+
+
+def test_loss_method_equals_forward_loss():
+    """model.loss (lm_head only where there is a target) gives forward's loss and gradients."""
+    torch.manual_seed(0)
+    model = M.Transformer(M.ModelConfig(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=48)).double()
+    ids = torch.randint(0, 50, (3, 10))
+    targets = ids.roll(-1, 1)
+    targets[:, :4] = targets[:, -1] = -100  # context and last position: no target
+    targets[1, 7:] = -100
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # right padding
+    params = list(model.parameters())
+    full = model(ids, targets, attention_mask=mask, label_smoothing=0.1)[1]
+    fast = model.loss(ids, targets, attention_mask=mask, label_smoothing=0.1)
+    torch.testing.assert_close(fast, full, atol=1e-12, rtol=0)
+    for g_fast, g_full in zip(torch.autograd.grad(fast, params), torch.autograd.grad(full, params)):
+        torch.testing.assert_close(g_fast, g_full, atol=1e-12, rtol=0)

@@ -120,3 +120,11 @@ def test_e2e_end_to_end_train_decode_score(tiny_gpt2_dir, shared_data, tmp_path)
     again = evaluation.main(["--task", "e2e", "--checkpoint", str(out)])
     assert (out / "predictions.txt").read_text(encoding="utf-8").splitlines() == predictions
     assert again["BLEU"] == metrics["BLEU"]
+
+
+def test_max_steps_0_scores_the_untuned_model(tiny_gpt2_dir, shared_data, tmp_path):
+    """--method lora --max-steps 0: a zero adapter, nothing trained, nothing plotted; the base model is scored."""
+    metrics = train.main(run_args(tiny_gpt2_dir, shared_data, tmp_path, "--method", "lora", "--max-steps", "0",
+                                  "--max-eval-examples", "2", "--num-beams", "1", "--max-new-tokens", "4"))
+    assert metrics["train_steps"] == 0 and 0 <= metrics["BLEU"] <= 1
+    assert json.loads((tmp_path / "history.json").read_text()) == [] and not (tmp_path / "plots").exists()
