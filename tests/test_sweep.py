@@ -1,0 +1,100 @@
+"""bench/sweep.py, the benchmark harness, on a fake runner (no model, no subprocess): resuming a
+partial sweep, retrying failures, continuing an interrupted run, and mean ± std over seeds."""
+import json
+import statistics
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import sweep  # noqa: E402
+from sweep import Run  # noqa: E402
+
+
+class FakeRunner:
+    """Stands in for train.py: metrics from a table, a run dir like train.py's, and every call recorded."""
+
+    def __init__(self, bleu: dict, fail=()):
+        self.bleu, self.fail, self.calls = bleu, set(fail), []
+
+    def __call__(self, command, out_dir):
+        self.calls.append(command)
+        name = out_dir.name.rsplit("-", 1)[0]
+        if name in self.fail:
+            (out_dir / "checkpoint.pt").write_bytes(b"interrupted")
+            raise RuntimeError("train.py exited with 1")
+        (out_dir / "metrics.json").write_text(json.dumps({"BLEU": self.bleu[name]}))
+        return {"BLEU": self.bleu[name]}
+
+
+def make_runs(seeds):
+    return [Run(f"{method}-s{seed}", ["--method", method, "--seed", str(seed)], {"method": method, "seed": seed})
+            for seed in seeds for method in ("kasa", "lora")]
+
+
+BLEU = {"kasa-s0": 0.50, "kasa-s1": 0.60, "kasa-s2": 0.61, "lora-s0": 0.40, "lora-s1": 0.45, "lora-s2": 0.47}
+
+
+def test_a_sweep_resumes_where_it_stopped_and_retries_failures(tmp_path):
+    first = FakeRunner(BLEU, fail={"lora-s1"})
+    results = sweep.run_sweep(make_runs([0, 1]), tmp_path, runner=first)
+    assert len(first.calls) == 4 and len(results) == 3          # lora-s1 failed: not recorded
+    lines = (tmp_path / sweep.RESULTS_FILE).read_text().splitlines()
+    assert [json.loads(line)["name"] for line in lines] == ["kasa-s0", "lora-s0", "kasa-s1"]
+
+    # Started again with one more seed: only the failed run (continued from its checkpoint) and the new seed run.
+    second = FakeRunner(BLEU)
+    results = sweep.run_sweep(make_runs([0, 1, 2]), tmp_path, runner=second)
+    ran = [command[command.index("--seed") + 1] + command[command.index("--method") + 1] for command in second.calls]
+    assert ran == ["1lora", "2kasa", "2lora"]
+    assert "--resume" in second.calls[0] and "--resume" not in second.calls[1]
+    assert len(results) == 6 and not list(tmp_path.glob("runs/*/checkpoint.pt"))  # finished runs drop theirs
+
+    third = FakeRunner(BLEU)   # nothing left to do; a torn last line (a crash mid-append) is ignored
+    with open(tmp_path / sweep.RESULTS_FILE, "a") as f:
+        f.write('{"key": "abc", "na')
+    assert len(sweep.run_sweep(make_runs([0, 1, 2]), tmp_path, runner=third)) == 6 and third.calls == []
+
+
+def test_the_same_flags_are_one_run_and_dry_run_runs_nothing(tmp_path, capsys):
+    runner = FakeRunner(BLEU)
+    twice = make_runs([0]) + [Run("kasa-s0", ["--method", "kasa", "--seed", "0"], {"study": "other"})]
+    sweep.run_sweep(twice, tmp_path, runner=runner, dry_run=True)
+    assert runner.calls == [] and not (tmp_path / sweep.RESULTS_FILE).exists()
+    printed = capsys.readouterr().out
+    assert printed.count("train.py --method kasa --seed 0 --out-dir") == 1 and "2 to run" in printed
+    sweep.run_sweep(twice, tmp_path, runner=runner)
+    assert len(runner.calls) == 2
+
+
+def test_summary_is_mean_and_sample_std_over_seeds(tmp_path):
+    runs = make_runs([0, 1, 2])
+    results = sweep.run_sweep(runs, tmp_path, runner=FakeRunner(BLEU, fail={"lora-s2"}))
+    rows = sweep.summarize(runs, results, ["BLEU"])
+    assert [(row["method"], row["runs"]) for row in rows] == [("kasa", "3/3"), ("lora", "2/3")]
+    kasa = [BLEU["kasa-s0"], BLEU["kasa-s1"], BLEU["kasa-s2"]]
+    assert rows[0]["BLEU"] == pytest.approx((np.mean(kasa), np.std(kasa, ddof=1)))
+    assert rows[1]["BLEU"] == pytest.approx((0.425, statistics.stdev([0.40, 0.45])))
+
+    table = sweep.markdown_table(rows, ["method", "BLEU", "runs"])
+    assert table.splitlines()[2] == f"| kasa | {np.mean(kasa):.4f} ± {np.std(kasa, ddof=1):.4f} | 3/3 |"
+    assert sweep.summarize(runs[:1], {}, ["BLEU"])[0]["BLEU"] is None    # nothing finished yet: a "—" cell
+    assert "| — |" in sweep.markdown_table(sweep.summarize(runs[:1], {}, ["BLEU"]), ["method", "BLEU"])
+    sweep.write_report(tmp_path / "t.md", table)
+    assert (tmp_path / "t.md").read_text() == table and not list(tmp_path.glob("*.tmp"))
+
+
+def test_every_script_plans_one_run_per_configuration():
+    """Scripts asking for the same configuration share its run: the key depends on the flags only."""
+    import ablation
+    import compare
+    budget, seeds = sweep.Budget(), [0, 1, 2]
+    runs = ablation.build_runs(["e2e", "sst2"], seeds, list(ablation.STUDIES), budget)
+    assert len({run.key for run in runs}) == 22 * 2 * 3
+    assert all(run.labels["seed"] == 0 for run in runs[:len(runs) // 3])   # seed 0 of everything first
+    compared = compare.build_runs(["e2e", "sst2"], ["kasa", "lora"], seeds, budget, full_lr=2e-5)
+    shared = {run.key for run in compared} & {run.key for run in runs}
+    assert len(shared) == 2 * 2 * 3    # kasa and lora at the preset rank, both tasks, every seed
