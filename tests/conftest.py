@@ -42,3 +42,20 @@ def tiny_gpt2_dir(tmp_path_factory):
     for name in ("vocab.json", "vocab.bpe"):
         shutil.copy(SHARED_DATA / "gpt2-tokenizer" / name, path / name)
     return path
+
+
+def with_nan_loss_at_call(make_task, call: int):
+    """A train.TASKS entry whose task loss turns NaN at its `call`-th evaluation (1-based):
+    interrupts a run mid-way, to test the NaN stop and --resume."""
+    calls = {"n": 0}
+
+    def make(config, model, tokenizer):
+        task = make_task(config, model, tokenizer)
+        clean_loss = task.loss
+
+        def loss(model, batch):
+            calls["n"] += 1
+            return clean_loss(model, batch) * (float("nan") if calls["n"] == call else 1.0)
+        task.loss = loss
+        return task
+    return make

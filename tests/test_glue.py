@@ -214,19 +214,9 @@ def test_resume_restores_the_head_and_the_epoch_scores_exactly(tiny_gpt2_dir, sh
     args = ["--save-every", "5"]
     full = train.main(glue_args("rte", tiny_gpt2_dir, shared_data, tmp_path / "full", *args))
 
-    calls = {"n": 0}
+    from conftest import with_nan_loss_at_call
     make_task = train.TASKS["rte"]
-
-    def task_with_nan_at_step_9(config, model, tokenizer):
-        task = make_task(config, model, tokenizer)
-        clean_loss = task.loss
-
-        def loss(model, batch):
-            calls["n"] += 1
-            return clean_loss(model, batch) * (float("nan") if calls["n"] == 9 else 1.0)
-        task.loss = loss
-        return task
-    monkeypatch.setitem(train.TASKS, "rte", task_with_nan_at_step_9)
+    monkeypatch.setitem(train.TASKS, "rte", with_nan_loss_at_call(make_task, 9))
     with pytest.raises(FloatingPointError):
         train.main(glue_args("rte", tiny_gpt2_dir, shared_data, tmp_path / "cut", *args))
     checkpoint = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)

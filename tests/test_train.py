@@ -24,20 +24,9 @@ def test_resume_continues_exactly_and_nan_keeps_last_checkpoint(tiny_gpt2_dir, s
 
     # Interrupt a second run with a NaN loss at step 7: it must stop with a clear error and leave
     # the step-6 checkpoint in place.
-    calls = {"n": 0}
+    from conftest import with_nan_loss_at_call
     make_task = train.TASKS["e2e"]
-
-    def task_with_nan_at_step_7(config, model, tokenizer):
-        task = make_task(config, model, tokenizer)
-        clean_loss = task.loss
-
-        def loss(model, batch):
-            calls["n"] += 1
-            value = clean_loss(model, batch)
-            return value * float("nan") if calls["n"] == 13 else value   # 2 micro-batches per step
-        task.loss = loss
-        return task
-    monkeypatch.setitem(train.TASKS, "e2e", task_with_nan_at_step_7)
+    monkeypatch.setitem(train.TASKS, "e2e", with_nan_loss_at_call(make_task, 13))  # 2 micro-batches per step
     with pytest.raises(FloatingPointError, match="last good checkpoint"):
         train.main(run_args(tiny_gpt2_dir, shared_data, tmp_path / "cut", *args))
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 6
