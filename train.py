@@ -66,6 +66,8 @@ class TrainConfig:
     truncation_report: bool = True        # measure what the SVD truncation costs before training (kasa.py)
     beta: float = 1e-4                    # weight of L2 = Σ‖Δσ‖²                      (Eq. 11)
     gamma: float = 1e-3                   # weight of L3 = Σ‖BᵀB − I‖² + ‖AAᵀ − I‖²      (Eq. 11)
+    #                                       (the command line sets both to 0 for the other methods
+    #                                        unless --beta / --gamma are given: see parse_config)
     # optimization
     lr: float = 2e-4
     weight_decay: float = 0.01
@@ -147,7 +149,12 @@ def parse_config(argv=None) -> TrainConfig:
         parser.error(f"unknown task {task!r}; choose one of {sorted(PRESETS)}")
     if args.method is not None and args.method not in METHODS:
         parser.error(f"unknown method {args.method!r}; choose one of {list(METHODS)}")
-    values = {**PRESETS[task], **{k: v for k, v in vars(args).items() if v is not None}}
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    values = {**PRESETS[task], **given}
+    if values.get("method", TrainConfig.method) != "kasa":
+        # L2 and L3 are KaSA's regularizers (Eq. 11): LoRA, PiSSA and MiLoRA train without them, as
+        # in their papers, unless --beta / --gamma ask for them (e.g. to ablate L3 on LoRA).
+        values.update(beta=given.get("beta", 0.0), gamma=given.get("gamma", 0.0))
     config = TrainConfig(**values)
     config.out_dir = config.out_dir or f"runs/{config.task}"
     return config

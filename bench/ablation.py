@@ -24,8 +24,8 @@ headline metric against r, one line per method).
     python bench/ablation.py                                   # everything, seeds 0,1,2
     python bench/ablation.py --studies components --tasks sst2 --seeds 0
     python bench/ablation.py --dry-run                         # the commands still to run
+    python bench/ablation.py --report-only                     # the tables of the runs finished so far
 """
-import shlex
 import sys
 
 import sweep
@@ -91,12 +91,12 @@ def main(argv=None):
     if unknown := set(studies) - set(STUDIES):
         parser.error(f"unknown studies {sorted(unknown)}; choose from {list(STUDIES)}")
     runs = build_runs(tasks, sweep.seeds_from_args(args), studies, budget)
-    results = sweep.run_sweep(runs, args.results_dir, dry_run=args.dry_run)
+    results = sweep.run_sweep(runs, args.results_dir, dry_run=args.dry_run, report_only=args.report_only)
     if args.dry_run:
         return
 
-    argv = sys.argv[1:] if argv is None else argv
-    report = ["# KaSA ablation on SmolLM2\n", f"Command: `{f'python bench/ablation.py {shlex.join(argv)}'.strip()}`",
+    command = sweep.command_line("ablation.py", sys.argv[1:] if argv is None else argv)
+    report = ["# KaSA ablation on SmolLM2\n", f"Command: `{command}`",
               f"\nMean ± sample std over seeds {args.seeds}; `runs`: finished/planned; per-run commands in "
               f"{args.results_dir}/{sweep.RESULTS_FILE}.\n"]
     panels = []

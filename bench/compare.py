@@ -18,9 +18,9 @@ where it stopped when started again (seed 0 of every run comes first).
     python bench/compare.py                                   # e2e and sst2, all methods, seeds 0,1,2
     python bench/compare.py --tasks sst2 --methods kasa,lora --seeds 0
     python bench/compare.py --dry-run                         # the commands still to run
+    python bench/compare.py --report-only                     # the tables of the runs finished so far
 """
 import dataclasses
-import shlex
 import sys
 from collections import Counter
 
@@ -66,12 +66,11 @@ def main(argv=None, name="compare", title="Every method side by side on SmolLM2"
     args = parser.parse_args(argv)
     budget, task_list, seed_list = sweep.budget_from_args(args), args.tasks.split(","), sweep.seeds_from_args(args)
     runs = build_runs(task_list, args.methods.split(","), seed_list, budget, args.full_lr)
-    results = sweep.run_sweep(runs, args.results_dir, dry_run=args.dry_run)
+    results = sweep.run_sweep(runs, args.results_dir, dry_run=args.dry_run, report_only=args.report_only)
     if args.dry_run:
         return
 
-    argv = sys.argv[1:] if argv is None else argv
-    command = f"python bench/{name}.py {shlex.join(argv)}".strip()
+    command = sweep.command_line(f"{name}.py", sys.argv[1:] if argv is None else argv)
     report = [f"# {title}\n", f"Command: `{command}`",
               f"\nMean ± sample std over seeds {args.seeds}; `runs`: finished/planned; per-run commands in "
               f"{args.results_dir}/{sweep.RESULTS_FILE}."

@@ -88,9 +88,10 @@ def load_results(path: Path) -> dict:
     return results
 
 
-def run_sweep(runs: list, results_dir, runner=run_train, dry_run: bool = False) -> dict:
+def run_sweep(runs: list, results_dir, runner=run_train, dry_run: bool = False, report_only: bool = False) -> dict:
     """Run, in order, every run not yet in RESULTS_DIR/runs.jsonl; returns key -> record of all
-    finished runs. A failed run is reported and left out, so that starting again retries it."""
+    finished runs. A failed run is reported and left out, so that starting again retries it.
+    report_only: run nothing, return the finished runs (tables of a sweep still under way)."""
     results_dir = Path(results_dir)
     results_path = results_dir / RESULTS_FILE
     unique = {}
@@ -99,6 +100,8 @@ def run_sweep(runs: list, results_dir, runner=run_train, dry_run: bool = False) 
     results = load_results(results_path)
     todo = [run for run in unique.values() if run.key not in results]
     print(f"{len(unique)} runs: {len(unique) - len(todo)} already in {results_path}, {len(todo)} to run", flush=True)
+    if report_only:
+        return results
     if not dry_run:  # `kill PID` stops the sweep like Ctrl-C does: its running train.py is stopped too
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     failed = []
@@ -177,6 +180,12 @@ def markdown_table(rows: list, columns: list, digits: int = 4) -> str:
     return "\n".join(lines)
 
 
+def command_line(script: str, argv: list) -> str:
+    """The command a report names: the sweep's own flags, without --report-only (which only rewrote
+    the tables; the sweep with the same flags produced them)."""
+    return f"python bench/{script} {shlex.join(a for a in argv if a != '--report-only')}".strip()
+
+
 def write_report(path, text: str):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     train.write_text_atomic(Path(path), text)
@@ -252,8 +261,8 @@ def preset_rank(task: str) -> int:
 def run_flags(task: str, budget: Budget, method: str, seed=None, r: int = None, extra=()) -> list:
     """The flags of one run, always in this order and with r spelled out (default: the task's
     preset), so that scripts asking for the same configuration get the same key and share the run."""
-    # train.py adds β·L2 + γ·L3 to the loss of every adapter method; L3 would pull LoRA's (and
-    # PiSSA's, MiLoRA's) factors towards orthonormal. The baselines train as in their papers: without.
+    # The baselines train without KaSA's regularizers, as in their papers. train.py already does
+    # that by default; the flags are spelled out so the run keys (and the logged commands) say so.
     plain = ["--beta", "0", "--gamma", "0"] if method in ("lora", "pissa", "milora") else []
     return task_flags(task, budget) + ["--method", method, "--r", str(r or preset_rank(task)), *plain, *extra] + (
         [] if seed is None else ["--seed", str(seed)])
@@ -275,12 +284,15 @@ def describe_budget(task: str, budget: Budget) -> str:
 
 
 def sweep_arg_parser(doc: str, seeds: str = "0,1,2") -> argparse.ArgumentParser:
-    """The flags every sweep script shares: --seeds, --results-dir, --dry-run and the Budget's fields."""
+    """The flags every sweep script shares: --seeds, --results-dir, --dry-run, --report-only and the
+    Budget's fields."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default=seeds, help="comma-separated train.py --seed values")
     parser.add_argument("--results-dir", default=str(REPO / "bench" / "results" / "smollm2"),
                         help="runs.jsonl, the tables and plots; run directories in its runs/")
     parser.add_argument("--dry-run", action="store_true", help="list the commands still to run, run nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the tables from the runs finished so far, run nothing")
     for f in dataclasses.fields(Budget):
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     return parser

@@ -70,6 +70,14 @@ def test_the_same_flags_are_one_run_and_dry_run_runs_nothing(tmp_path, capsys):
     assert len(runner.calls) == 2
 
 
+def test_report_only_returns_the_finished_runs_and_runs_nothing(tmp_path):
+    sweep.run_sweep(make_runs([0]), tmp_path, runner=FakeRunner(BLEU))
+    idle = FakeRunner(BLEU)
+    results = sweep.run_sweep(make_runs([0, 1]), tmp_path, runner=idle, report_only=True)
+    assert idle.calls == [] and sorted(r["name"] for r in results.values()) == ["kasa-s0", "lora-s0"]
+    assert sweep.command_line("compare.py", ["--seeds", "0", "--report-only"]) == "python bench/compare.py --seeds 0"
+
+
 def test_summary_is_mean_and_sample_std_over_seeds(tmp_path):
     runs = make_runs([0, 1, 2])
     results = sweep.run_sweep(runs, tmp_path, runner=FakeRunner(BLEU, fail={"lora-s2"}))

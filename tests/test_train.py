@@ -16,6 +16,19 @@ def run_args(model_dir, shared_data, out_dir, *extra):
             "--log-every", "1", "--max-len", "64", *extra]
 
 
+@pytest.mark.parametrize("argv, beta, gamma", [
+    ([], 1e-4, 1e-3),                                            # KaSA: the paper's E2E values
+    (["--task", "rte"], 0.24, 2.4e-4),                           # KaSA: the task's preset
+    (["--method", "lora"], 0.0, 0.0),                            # the baselines train without L2, L3
+    (["--task", "rte", "--method", "pissa"], 0.0, 0.0),          # ... whatever the task's preset says
+    (["--method", "milora", "--gamma", "0.5"], 0.0, 0.5),        # unless asked for
+    (["--method", "kasa", "--beta", "0"], 0.0, 1e-3),
+])
+def test_regularizer_weights_apply_to_kasa_unless_asked(argv, beta, gamma):
+    config = train.parse_config(argv)
+    assert (config.beta, config.gamma) == (beta, gamma)
+
+
 def test_resume_continues_exactly_and_nan_keeps_last_checkpoint(tiny_gpt2_dir, shared_data, tmp_path, monkeypatch):
     args = ["--max-steps", "8", "--save-every", "3", "--no-eval", "--grad-accum", "2"]
     train.main(run_args(tiny_gpt2_dir, shared_data, tmp_path / "full", *args))
