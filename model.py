@@ -38,7 +38,7 @@ import re
 import shutil
 import struct
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -544,35 +544,51 @@ def _read_hf_dir(d: Path):
     return tensors
 
 
-# ----------------------------------------------------------------------------- HF names -> our names
+# ----------------------------------------------------------------------------- HF names <-> our names
+# One table per family of (HF module, our module) pairs; "{i}" is a block index. Loading reads it
+# left to right, export (save_hf_checkpoint, save_peft_adapter) right to left, so a rename lives in
+# one place. A name keeps whatever follows the matched module (".weight", ".q_proj.bias", ...).
+_MODULE_NAMES = {
+    "llama": [
+        ("model.embed_tokens", "tok_emb"),
+        ("model.norm", "norm_f"),
+        ("model.layers.{i}.input_layernorm", "blocks.{i}.norm1"),
+        ("model.layers.{i}.post_attention_layernorm", "blocks.{i}.norm2"),
+        ("model.layers.{i}.self_attn", "blocks.{i}.attn"),
+        ("model.layers.{i}.mlp", "blocks.{i}.mlp"),
+    ],
+    "gpt2": [
+        ("transformer.wte", "tok_emb"),
+        ("transformer.wpe", "pos_emb"),
+        ("transformer.ln_f", "norm_f"),
+        ("transformer.h.{i}.ln_1", "blocks.{i}.norm1"),
+        ("transformer.h.{i}.ln_2", "blocks.{i}.norm2"),
+        ("transformer.h.{i}.attn.c_proj", "blocks.{i}.attn.o_proj"),
+        ("transformer.h.{i}.attn.c_attn", "blocks.{i}.attn.c_attn"),  # q|k|v fused: split at load (_convert)
+        ("transformer.h.{i}.mlp", "blocks.{i}.mlp"),
+    ],
+}
 
-_LLAMA_RENAMES = [
-    (r"^model\.embed_tokens\.", "tok_emb."),
-    (r"^model\.norm\.", "norm_f."),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"blocks.\1.norm1."),
-    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"blocks.\1.norm2."),
-    (r"^model\.layers\.(\d+)\.self_attn\.", r"blocks.\1.attn."),
-    (r"^model\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
-]
-_GPT2_RENAMES = [
-    (r"^(transformer\.)?wte\.", "tok_emb."),
-    (r"^(transformer\.)?wpe\.", "pos_emb."),
-    (r"^(transformer\.)?ln_f\.", "norm_f."),
-    (r"^(transformer\.)?h\.(\d+)\.ln_1\.", r"blocks.\2.norm1."),
-    (r"^(transformer\.)?h\.(\d+)\.ln_2\.", r"blocks.\2.norm2."),
-    (r"^(transformer\.)?h\.(\d+)\.attn\.c_proj\.", r"blocks.\2.attn.o_proj."),
-    (r"^(transformer\.)?h\.(\d+)\.attn\.c_attn\.", r"blocks.\2.attn.c_attn."),
-    (r"^(transformer\.)?h\.(\d+)\.mlp\.", r"blocks.\2.mlp."),
-]
+
+def _rename(cfg: ModelConfig, name: str, to_hf: bool) -> str:
+    """A tensor or module name, HF's -> ours (to_hf=False) or ours -> HF's, by the first matching pair."""
+    for hf, ours in _MODULE_NAMES[cfg.family]:
+        source, target = (ours, hf) if to_hf else (hf, ours)
+        match = re.match(re.escape(source).replace(r"\{i\}", r"(?P<i>\d+)") + r"(?=\.|$)", name)
+        if match:
+            return target.format(**match.groupdict()) + name[match.end():]
+    return name
+
+
 # Constant buffers that some checkpoints carry; they are recomputed, not loaded.
 _IGNORED = re.compile(r"(\.attn\.(masked_)?bias$|rotary_emb\.inv_freq$)")
 
 
 def _convert(cfg: ModelConfig, hf_name: str, tensor):
     """Yield (our_name, tensor) for one checkpoint tensor. Works on meta tensors too (dry run)."""
-    name = hf_name
-    for pattern, repl in (_GPT2_RENAMES if cfg.family == "gpt2" else _LLAMA_RENAMES):
-        name = re.sub(pattern, repl, name)
+    if cfg.family == "gpt2" and not hf_name.startswith(("transformer.", "lm_head.")):
+        hf_name = "transformer." + hf_name  # GPT2Model's checkpoints (no LM head) drop the prefix
+    name = _rename(cfg, hf_name, to_hf=False)
     if cfg.family == "gpt2" and name.endswith(".weight") and re.search(r"\.(c_attn|o_proj|c_fc|c_proj)\.", name):
         tensor = tensor.t()  # HF GPT-2 uses Conv1D (in, out); nn.Linear wants (out, in)
     if ".c_attn." in name:  # fused q|k|v along the output dim -> three Linear layers
@@ -880,29 +896,9 @@ def load_pretrained(name_or_path, dtype=torch.float32, device="cpu"):
 #                       transformers' from_pretrained and for load_pretrained;
 #   save_peft_adapter   a plain LoRA adapter of rank r + t for the ORIGINAL, untouched base
 #                       (kasa.lora_factors), for peft.PeftModel.from_pretrained or any LoRA server.
-# Names go back through the inverse of the loader's renames; GPT-2's q/k/v are fused back into
+# Names go back through _MODULE_NAMES; GPT-2's q/k/v are fused back into
 # one Conv1D c_attn, whose weight is stored (in, out).
 
-_HF_MODULE_NAMES = {  # our module name -> the HF one: _LLAMA_RENAMES and _GPT2_RENAMES backwards
-    "llama": [
-        (r"^tok_emb$", "model.embed_tokens"),
-        (r"^norm_f$", "model.norm"),
-        (r"^blocks\.(\d+)\.norm1$", r"model.layers.\1.input_layernorm"),
-        (r"^blocks\.(\d+)\.norm2$", r"model.layers.\1.post_attention_layernorm"),
-        (r"^blocks\.(\d+)\.attn\.", r"model.layers.\1.self_attn."),
-        (r"^blocks\.(\d+)\.mlp\.", r"model.layers.\1.mlp."),
-    ],
-    "gpt2": [
-        (r"^tok_emb$", "transformer.wte"),
-        (r"^pos_emb$", "transformer.wpe"),
-        (r"^norm_f$", "transformer.ln_f"),
-        (r"^blocks\.(\d+)\.norm1$", r"transformer.h.\1.ln_1"),
-        (r"^blocks\.(\d+)\.norm2$", r"transformer.h.\1.ln_2"),
-        (r"^blocks\.(\d+)\.attn\.o_proj$", r"transformer.h.\1.attn.c_proj"),
-        (r"^blocks\.(\d+)\.attn\.[qkv]_proj$", r"transformer.h.\1.attn.c_attn"),
-        (r"^blocks\.(\d+)\.mlp\.", r"transformer.h.\1.mlp."),
-    ],
-}
 _GPT2_FUSED = ("q_proj", "k_proj", "v_proj")  # c_attn's row blocks, top to bottom
 
 
@@ -910,12 +906,10 @@ def _hf_module(cfg: ModelConfig, name: str) -> tuple[str, int, int]:
     """Our module name -> (HF module name, its row block there, the number of row blocks).
 
     Every module is one block of its own, except GPT-2's q/k/v: blocks 0, 1, 2 of c_attn."""
-    hf_name = name
-    for pattern, repl in _HF_MODULE_NAMES[cfg.family]:
-        hf_name = re.sub(pattern, repl, hf_name)
-    if hf_name.endswith(".c_attn"):
-        return hf_name, _GPT2_FUSED.index(name.rpartition(".")[2]), len(_GPT2_FUSED)
-    return hf_name, 0, 1
+    block_of, proj = name.rpartition(".")[0], name.rpartition(".")[2]
+    if cfg.family == "gpt2" and proj in _GPT2_FUSED:
+        return _rename(cfg, block_of + ".c_attn", to_hf=True), _GPT2_FUSED.index(proj), len(_GPT2_FUSED)
+    return _rename(cfg, name, to_hf=True), 0, 1
 
 
 def _is_conv1d(cfg: ModelConfig, hf_module: str) -> bool:

@@ -36,6 +36,10 @@ def save(hf_model, path, how="safetensors"):
     if how == "bin":  # transformers 5 always writes safetensors, so write the legacy format by hand
         hf_model.config.save_pretrained(path)
         torch.save(hf_model.state_dict(), path / "pytorch_model.bin")
+    elif how == "bin-unprefixed":  # as the original gpt2 hub checkpoint: GPT2Model's names, no lm_head
+        hf_model.config.save_pretrained(path)
+        torch.save({k.removeprefix("transformer."): v for k, v in hf_model.state_dict().items()
+                    if not k.startswith("lm_head.")}, path / "pytorch_model.bin")
     else:
         hf_model.save_pretrained(path, max_shard_size="40KB" if how == "sharded" else "5GB")
     return path
@@ -44,6 +48,7 @@ def save(hf_model, path, how="safetensors"):
 CASES = {
     "gpt2": (tiny_gpt2, "safetensors"),
     "gpt2-bin": (tiny_gpt2, "bin"),
+    "gpt2-bin-unprefixed": (tiny_gpt2, "bin-unprefixed"),
     "llama-gqa-untied": (lambda: tiny_llama(), "safetensors"),
     "llama-tied-sharded": (lambda: tiny_llama(tie=True, kv_heads=4), "sharded"),
     "llama3-rope-bias-bin": (lambda: tiny_llama(kv_heads=1, rope_scaling=LLAMA3_ROPE, bias=True), "bin"),
