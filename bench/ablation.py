@@ -13,12 +13,13 @@
    no truncation at all (--truncation 0: learned σ and both regularizers only).
 
 Budget per run (bench/sweep.py's): E2E 100 steps × batch 8 on the dev set, the first 50 test MRs,
-beam 4; SST-2 100 steps × batch 8 (800 train rows), the first 400 dev rows; ~10 min per run on 2
-CPU cores. Runs shared between studies (LoRA and KaSA at the preset rank and at r=8) run once:
-22 runs per task and seed, 132 for the default (~22 hours). The order puts the most informative
-first and seed 0 of everything before seeds 1 and 2: components, then variants, then ranks, the
-two tasks interleaved, so an interrupted sweep (start it again to resume) has whole tables for one
-seed early. Writes RESULTS_DIR/ablation.md (mean ± sample std over seeds) and ablation.png (the
+beam 4; SST-2 100 steps × batch 8 (800 train rows), the first 400 dev rows; on 2 free CPU cores
+4.5 min per E2E run and 1.7 min per SST-2 run. Runs shared between studies (LoRA and KaSA at the
+preset rank and at r=8) run once: 22 runs per task and seed, 132 for the default (~7 hours; the
+rank study's runs at the preset rank are bench/compare.py's, which then already ran them). The
+order puts the most informative first and seed 0 of everything before seeds 1 and 2: components,
+then variants, then ranks, the two tasks interleaved, so an interrupted sweep (start it again to
+resume) has whole tables for one seed early. Writes RESULTS_DIR/ablation.md (mean ± sample std over seeds) and ablation.png (the
 headline metric against r, one line per method).
 
     python bench/ablation.py                                   # everything, seeds 0,1,2

@@ -10,8 +10,9 @@ number of steps, and are scored on the same test MRs / dev rows. LoRA, PiSSA and
 without KaSA's regularizers (--beta 0 --gamma 0), as in their papers. Full fine-tuning trains at
 --full-lr (default 2e-5): the adapters' learning rates are ~10-25x what full fine-tuning of a
 model this size usually takes. Budget per run: E2E 100 steps × batch 8, 50 test MRs, beam 4;
-SST-2 100 steps × batch 8 (800 train rows), 400 dev rows; ~10 min per run on 2 CPU cores, so
-the default sweep (2 tasks × 5 methods × 3 seeds + the E2E base) takes about 5 hours. Results
+SST-2 100 steps × batch 8 (800 train rows), 400 dev rows. On 2 free CPU cores an E2E run takes
+4-6 min and an SST-2 run 2-3 min, so the default sweep (2 tasks × 5 methods × 3 seeds + the E2E
+base) takes about 1 h 45 min. Results
 (mean ± sample std over seeds) go to RESULTS_DIR/compare.md; an interrupted sweep resumes
 where it stopped when started again (seed 0 of every run comes first).
 

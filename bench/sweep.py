@@ -12,10 +12,11 @@ stale result), and a run two scripts share (the same flags) runs once. Tables gi
 sample std over seeds and how many of the planned runs are in (`runs` 2/3), so a partial sweep
 already has a readable table. Every sweep script takes --dry-run: list the commands, run nothing.
 
-The shared setting is SmolLM2-135M (the offline GGUF) on a 2-core CPU, with the Budget below. One
-E2E KaSA run on it (100 steps × batch 8, 50 test MRs, beam 4) took 35 min with the 2 cores shared
-by two other jobs (18 s per step, 2.2 min decoding); on free cores a step takes ~4 s, so ~9 min.
-Full fine-tuning steps cost about twice an adapter's.
+The shared setting is SmolLM2-135M (the offline GGUF) on a 2-core CPU, with the Budget below.
+Measured on free cores (2 threads): an E2E adapter run (100 steps × batch 8, 50 test MRs, beam 4)
+takes 4-5 min (2.1 s per step, 25 s decoding), full fine-tuning 6 min; an SST-2 run (100 steps ×
+batch 8, 400 dev rows) 1.7 min, full fine-tuning 3.4 min. A second job on the same 2 cores makes
+every run several times slower (an E2E run took 35 min beside two others), and its min/run shows it.
 """
 import argparse
 import dataclasses
@@ -227,7 +228,7 @@ def plot_panels(panels: list, x: str, series: str, path) -> bool:
 
 @dataclass
 class Budget:
-    """What one run costs. Defaults: one run ≈ 10 minutes on 2 shared CPU cores (see the README)."""
+    """What one run costs. Defaults: an E2E run ≈ 4.5 min, an SST-2 run ≈ 1.7 min on 2 free CPU cores."""
     model: str = SMOLLM2
     e2e_data: str = str(SHARED_DATA / "e2e")    # no train split here: train.py trains on dev, scores test
     glue_data: str = str(SHARED_DATA / "glue")
