@@ -99,7 +99,7 @@ def main(argv=None):
     command = sweep.command_line("ablation.py", sys.argv[1:] if argv is None else argv)
     report = ["# KaSA ablation on SmolLM2\n", f"Command: `{command}`",
               f"\nMean ± sample std over seeds {args.seeds}; `runs`: finished/planned; per-run commands in "
-              f"{args.results_dir}/{sweep.RESULTS_FILE}.\n"]
+              f"{sweep.shown(args.results_dir)}/{sweep.RESULTS_FILE}.\n"]
     panels = []
     for task in tasks:
         metrics = sweep.task_metrics(task)

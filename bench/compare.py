@@ -74,7 +74,7 @@ def main(argv=None, name="compare", title="Every method side by side on SmolLM2"
     command = sweep.command_line(f"{name}.py", sys.argv[1:] if argv is None else argv)
     report = [f"# {title}\n", f"Command: `{command}`",
               f"\nMean ± sample std over seeds {args.seeds}; `runs`: finished/planned; per-run commands in "
-              f"{args.results_dir}/{sweep.RESULTS_FILE}."
+              f"{sweep.shown(args.results_dir)}/{sweep.RESULTS_FILE}."
               + (f" Full fine-tuning at lr {args.full_lr:g}." if "full" in args.methods.split(",") else "") + "\n"]
     for task in task_list:
         metrics = sweep.task_metrics(task)

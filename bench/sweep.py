@@ -181,6 +181,12 @@ def markdown_table(rows: list, columns: list, digits: int = 4) -> str:
     return "\n".join(lines)
 
 
+def shown(path) -> str:
+    """A path as a report names it: relative to the repository when inside it (reports are committed)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def command_line(script: str, argv: list) -> str:
     """The command a report names: the sweep's own flags, without --report-only (which only rewrote
     the tables; the sweep with the same flags produced them)."""

@@ -76,6 +76,7 @@ def test_report_only_returns_the_finished_runs_and_runs_nothing(tmp_path):
     results = sweep.run_sweep(make_runs([0, 1]), tmp_path, runner=idle, report_only=True)
     assert idle.calls == [] and sorted(r["name"] for r in results.values()) == ["kasa-s0", "lora-s0"]
     assert sweep.command_line("compare.py", ["--seeds", "0", "--report-only"]) == "python bench/compare.py --seeds 0"
+    assert sweep.shown(sweep.REPO / "bench" / "results") == "bench/results" and sweep.shown(tmp_path) == str(tmp_path)
 
 
 def test_summary_is_mean_and_sample_std_over_seeds(tmp_path):
