@@ -906,7 +906,7 @@ def _hf_module(cfg: ModelConfig, name: str) -> tuple[str, int, int]:
     """Our module name -> (HF module name, its row block there, the number of row blocks).
 
     Every module is one block of its own, except GPT-2's q/k/v: blocks 0, 1, 2 of c_attn."""
-    block_of, proj = name.rpartition(".")[0], name.rpartition(".")[2]
+    block_of, _, proj = name.rpartition(".")
     if cfg.family == "gpt2" and proj in _GPT2_FUSED:
         return _rename(cfg, block_of + ".c_attn", to_hf=True), _GPT2_FUSED.index(proj), len(_GPT2_FUSED)
     return _rename(cfg, name, to_hf=True), 0, 1

@@ -19,8 +19,8 @@ preset rank and at r=8) run once: 22 runs per task and seed, 132 for the default
 rank study's runs at the preset rank are bench/compare.py's, which then already ran them). The
 order puts the most informative first and seed 0 of everything before seeds 1 and 2: components,
 then variants, then ranks, the two tasks interleaved, so an interrupted sweep (start it again to
-resume) has whole tables for one seed early. Writes RESULTS_DIR/ablation.md (mean ± sample std over seeds) and ablation.png (the
-headline metric against r, one line per method).
+resume) has whole tables for one seed early. Writes RESULTS_DIR/ablation.md (mean ± sample std
+over seeds) and ablation.png (the headline metric against r, one line per method).
 
     python bench/ablation.py                                   # everything, seeds 0,1,2
     python bench/ablation.py --studies components --tasks sst2 --seeds 0

@@ -12,9 +12,9 @@ without KaSA's regularizers (--beta 0 --gamma 0), as in their papers. Full fine-
 model this size usually takes. Budget per run: E2E 100 steps × batch 8, 50 test MRs, beam 4;
 SST-2 100 steps × batch 8 (800 train rows), 400 dev rows. On 2 free CPU cores an E2E run takes
 4-6 min and an SST-2 run 2-3 min, so the default sweep (2 tasks × 5 methods × 3 seeds + the E2E
-base) takes about 1 h 45 min. Results
-(mean ± sample std over seeds) go to RESULTS_DIR/compare.md; an interrupted sweep resumes
-where it stopped when started again (seed 0 of every run comes first).
+base) takes about 1 h 45 min. Results (mean ± sample std over seeds) go to
+RESULTS_DIR/compare.md; an interrupted sweep resumes where it stopped when started again (seed 0
+of every run comes first).
 
     python bench/compare.py                                   # e2e and sst2, all methods, seeds 0,1,2
     python bench/compare.py --tasks sst2 --methods kasa,lora --seeds 0

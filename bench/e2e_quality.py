@@ -5,8 +5,8 @@ mean ± sample std over seeds, all scored on the same first test MRs.
 
 This is bench/compare.py with other defaults (E2E only; KaSA and LoRA), so it shares its runs: a
 configuration either script has finished is not run again. Budget per run (bench/sweep.py's): 100
-steps × batch 8 on the dev set (no E2E train split offline), the first 50 test MRs, beam 4; ~10 min
-per run on 2 CPU cores, ~1 hour for the default 2 methods × 3 seeds + base. Table:
+steps × batch 8 on the dev set (no E2E train split offline), the first 50 test MRs, beam 4; ~4.5 min
+per run on 2 free CPU cores, ~30 min for the default 2 methods × 3 seeds + base. Table:
 RESULTS_DIR/e2e_quality.md.
 
     python bench/e2e_quality.py                                # base, kasa, lora; seeds 0,1,2

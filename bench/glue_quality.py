@@ -6,7 +6,7 @@ shares its runs. Every run is train.py with the task's preset (the official KaSA
 β, γ, r=8, α=16, 6% warmup) except for the batch size and the budget: one epoch over the first
 steps × batch training rows, scored on the first dev rows, the same rows for every method. The
 majority class is the most frequent label among those training rows. Budget per run (bench/sweep.py's):
-100 steps × batch 8, 400 dev rows, max length 128; ~10 min per run on 2 CPU cores. Table:
+100 steps × batch 8, 400 dev rows, max length 128; ~2 min per run on 2 free CPU cores. Table:
 RESULTS_DIR/glue_quality.md.
 
     python bench/glue_quality.py                                   # SST-2 and RTE, KaSA and LoRA, seed 0
