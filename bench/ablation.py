@@ -27,7 +27,6 @@ over seeds) and ablation.png (the headline metric against r, one line per method
     python bench/ablation.py --dry-run                         # the commands still to run
     python bench/ablation.py --report-only                     # the tables of the runs finished so far
 """
-import sys
 
 import sweep
 from sweep import Run
@@ -96,10 +95,7 @@ def main(argv=None):
     if args.dry_run:
         return
 
-    command = sweep.command_line("ablation.py", sys.argv[1:] if argv is None else argv)
-    report = ["# KaSA ablation on SmolLM2\n", f"Command: `{command}`",
-              f"\nMean ± sample std over seeds {args.seeds}; `runs`: finished/planned; per-run commands in "
-              f"{sweep.shown(args.results_dir)}/{sweep.RESULTS_FILE}.\n"]
+    report = sweep.report_header("KaSA ablation on SmolLM2", "ablation.py", argv, args.seeds, args.results_dir)
     panels = []
     for task in tasks:
         metrics = sweep.task_metrics(task)

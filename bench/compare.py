@@ -22,7 +22,6 @@ of every run comes first).
     python bench/compare.py --report-only                     # the tables of the runs finished so far
 """
 import dataclasses
-import sys
 from collections import Counter
 
 import sweep
@@ -71,11 +70,8 @@ def main(argv=None, name="compare", title="Every method side by side on SmolLM2"
     if args.dry_run:
         return
 
-    command = sweep.command_line(f"{name}.py", sys.argv[1:] if argv is None else argv)
-    report = [f"# {title}\n", f"Command: `{command}`",
-              f"\nMean ± sample std over seeds {args.seeds}; `runs`: finished/planned; per-run commands in "
-              f"{sweep.shown(args.results_dir)}/{sweep.RESULTS_FILE}."
-              + (f" Full fine-tuning at lr {args.full_lr:g}." if "full" in args.methods.split(",") else "") + "\n"]
+    full_lr_note = f" Full fine-tuning at lr {args.full_lr:g}." if "full" in args.methods.split(",") else ""
+    report = sweep.report_header(title, f"{name}.py", argv, args.seeds, args.results_dir, full_lr_note)
     for task in task_list:
         metrics = sweep.task_metrics(task)
         rows = sweep.summarize([run for run in runs if run.labels["task"] == task], results, metrics)

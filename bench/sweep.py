@@ -193,6 +193,14 @@ def command_line(script: str, argv: list) -> str:
     return f"python bench/{script} {shlex.join(a for a in argv if a != '--report-only')}".strip()
 
 
+def report_header(title: str, script: str, argv, seeds: str, results_dir, note: str = "") -> list:
+    """The lines every sweep report opens with: what it is, the command that made it, how to read it."""
+    command = command_line(script, sys.argv[1:] if argv is None else argv)
+    return [f"# {title}\n", f"Command: `{command}`",
+            f"\nMean ± sample std over seeds {seeds}; `runs`: finished/planned; per-run commands in "
+            f"{shown(results_dir)}/{RESULTS_FILE}.{note}\n"]
+
+
 def write_report(path, text: str):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     train.write_text_atomic(Path(path), text)

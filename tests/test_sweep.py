@@ -77,6 +77,9 @@ def test_report_only_returns_the_finished_runs_and_runs_nothing(tmp_path):
     assert idle.calls == [] and sorted(r["name"] for r in results.values()) == ["kasa-s0", "lora-s0"]
     assert sweep.command_line("compare.py", ["--seeds", "0", "--report-only"]) == "python bench/compare.py --seeds 0"
     assert sweep.shown(sweep.REPO / "bench" / "results") == "bench/results" and sweep.shown(tmp_path) == str(tmp_path)
+    header = sweep.report_header("T", "ablation.py", ["--seeds", "0", "--report-only"], "0", sweep.REPO / "bench" / "r")
+    assert header[:2] == ["# T\n", "Command: `python bench/ablation.py --seeds 0`"]
+    assert "seeds 0;" in header[2] and "bench/r/runs.jsonl." in header[2]
 
 
 def test_summary_is_mean_and_sample_std_over_seeds(tmp_path):
