@@ -75,11 +75,17 @@ def build_runs(tasks: list, seeds: list, studies: list, budget: sweep.Budget) ->
 
 
 def rank_table(rows: list, metric: str) -> str:
-    """r down, methods across: the metric's mean ± std."""
-    wide = {}
+    """r down, methods across: the metric's mean ± std, and the row's runs (finished/planned, all
+    methods together: rows can differ, since the preset rank's runs may already have all seeds)."""
+    wide, counts = {}, {}
     for row in rows:
         wide.setdefault(row["r"], {"r": row["r"]})[row["method"]] = row[metric]
-    return sweep.markdown_table(list(wide.values()), ["r", *RANK_METHODS])
+        done, planned = map(int, row["runs"].split("/"))
+        total = counts.get(row["r"], (0, 0))
+        counts[row["r"]] = (total[0] + done, total[1] + planned)
+    for r, (done, planned) in counts.items():
+        wide[r]["runs"] = f"{done}/{planned}"
+    return sweep.markdown_table(list(wide.values()), ["r", *RANK_METHODS, "runs"])
 
 
 def main(argv=None):

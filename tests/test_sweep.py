@@ -110,3 +110,13 @@ def test_every_script_plans_one_run_per_configuration():
     compared = compare.build_runs(["e2e", "sst2"], ["kasa", "lora"], seeds, budget, full_lr=2e-5)
     shared = {run.key for run in compared} & {run.key for run in runs}
     assert len(shared) == 2 * 2 * 3    # kasa and lora at the preset rank, both tasks, every seed
+
+
+def test_rank_table_puts_methods_across_and_counts_each_rows_runs():
+    import ablation
+    rows = [{"r": r, "method": method, "BLEU": (0.1 * r, None), "runs": runs}
+            for r, runs in ((1, "1/3"), (4, "3/3")) for method in ablation.RANK_METHODS]
+    lines = ablation.rank_table(rows, "BLEU").splitlines()
+    assert lines[0] == "| r | " + " | ".join(ablation.RANK_METHODS) + " | runs |"
+    assert lines[2] == "| 1 | " + " | ".join(["0.1000"] * 4) + " | 4/12 |"
+    assert lines[3] == "| 4 | " + " | ".join(["0.4000"] * 4) + " | 12/12 |"
