@@ -14,9 +14,9 @@
 
 Budget per run (bench/sweep.py's): E2E 100 steps × batch 8 on the dev set, the first 50 test MRs,
 beam 4; SST-2 100 steps × batch 8 (800 train rows), the first 400 dev rows; on 2 free CPU cores
-4.5-7 min per E2E run and 1.7-2.5 min per SST-2 run (two days' measurements on the same machine
+4.5-10 min per E2E run and 1.7-3 min per SST-2 run (three days' measurements on the same machine
 type). Runs shared between studies (LoRA and KaSA at the preset rank and at r=8) run once: 22 runs
-per task and seed, 132 for the default (7-10 hours; the rank study's runs at the preset rank are
+per task and seed, 132 for the default (7-14 hours; the rank study's runs at the preset rank are
 bench/compare.py's, which then already ran them). The order puts the most informative first and
 seed 0 of everything before seeds 1 and 2: components, then variants, then ranks, the two tasks
 interleaved, so an interrupted sweep (start it again to resume) has whole tables for one seed
