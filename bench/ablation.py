@@ -111,8 +111,9 @@ def main(argv=None):
             study_runs = [run for run in runs if run.labels["task"] == task and run.labels["study"] == study]
             rows = sweep.summarize(study_runs, results, metrics)
             if study == "rank":
-                report += [f"### rank: {metrics[0]} (α fixed at the preset)\n", rank_table(rows, metrics[0]), ""]
-                panels.append((f"{task}: {metrics[0]} vs r", rows, metrics[0]))
+                label = sweep.metric_label(metrics[0])
+                report += [f"### rank: {label} (α fixed at the preset)\n", rank_table(rows, metrics[0]), ""]
+                panels.append((f"{task}: {label} vs r", rows, metrics[0]))
             else:
                 title = "components, added one at a time" if study == "components" else f"variants at r={VARIANT_R}"
                 report += [f"### {title}\n", sweep.markdown_table(rows, ["row", *metrics, "runs", "min/run"]), ""]

@@ -173,8 +173,14 @@ def format_cell(value, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def metric_label(metric: str) -> str:
+    """How reports name a metrics.json key: `final_accuracy` (the score after the last step, as
+    opposed to `best_accuracy`) is shown as `accuracy`."""
+    return metric.removeprefix("final_")
+
+
 def markdown_table(rows: list, columns: list, digits: int = 4) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(map(metric_label, columns)) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = [format_cell(row.get(column), 1 if column == "min/run" else digits) for column in columns]
         lines.append("| " + " | ".join(cells) + " |")
@@ -224,7 +230,7 @@ def plot_panels(panels: list, x: str, series: str, path) -> bool:
             if points:
                 xs, means, stds = zip(*points)
                 ax.errorbar(xs, means, yerr=[s or 0.0 for s in stds], marker="o", capsize=3, label=name)
-        ax.set(title=title, xlabel=x, ylabel=metric, xscale="log", xticks=sorted({row[x] for row in rows}))
+        ax.set(title=title, xlabel=x, ylabel=metric_label(metric), xscale="log", xticks=sorted({row[x] for row in rows}))
         ax.set_xticklabels([str(v) for v in sorted({row[x] for row in rows})])
         ax.legend()
     figure.tight_layout()

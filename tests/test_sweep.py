@@ -94,6 +94,7 @@ def test_summary_is_mean_and_sample_std_over_seeds(tmp_path):
     table = sweep.markdown_table(rows, ["method", "BLEU", "runs"])
     assert table.splitlines()[2] == f"| kasa | {np.mean(kasa):.4f} ± {np.std(kasa, ddof=1):.4f} | 3/3 |"
     assert sweep.summarize(runs[:1], {}, ["BLEU"])[0]["BLEU"] is None    # nothing finished yet: a "—" cell
+    assert sweep.markdown_table([], ["method", "final_accuracy"]).splitlines()[0] == "| method | accuracy |"
     assert "| — |" in sweep.markdown_table(sweep.summarize(runs[:1], {}, ["BLEU"]), ["method", "BLEU"])
     sweep.write_report(tmp_path / "t.md", table)
     assert (tmp_path / "t.md").read_text() == table and not list(tmp_path.glob("*.tmp"))
