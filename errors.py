@@ -18,18 +18,21 @@ from pathlib import Path
 
 
 class UserError(Exception):
-    """A problem the user can fix: the message says what is wrong and how to fix it."""
+    """A problem the user can fix: the message says what is wrong and how to fix it.
+
+    ConfigError, DataError and CheckpointError are ValueErrors too, so code that caught the
+    ValueError these checks used to raise still catches them."""
 
 
-class ConfigError(UserError):
+class ConfigError(UserError, ValueError):
     """A flag or setting out of its range, or settings that do not fit together."""
 
 
-class DataError(UserError):
+class DataError(UserError, ValueError):
     """A data file that is missing, empty, malformed or not UTF-8."""
 
 
-class CheckpointError(UserError):
+class CheckpointError(UserError, ValueError):
     """A model or training checkpoint that is missing, truncated, corrupt or of another run."""
 
 
