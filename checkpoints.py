@@ -22,6 +22,7 @@ of another model) raises errors.CheckpointError naming the file and the fix.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
@@ -67,32 +68,35 @@ def resolve(name_or_path: str) -> Path:
 
 
 def read_checkpoint(name_or_path):
-    """(ModelConfig, {our name: (name in the file, shape, load(dtype))}, tokenizer or None, the path read)."""
-    path = resolve(str(name_or_path))
+    """(ModelConfig, {our name: (name in the file, shape, load(dtype))}, tokenizer or None, the weights
+    file(s) read, to name in errors)."""
+    path = source = resolve(str(name_or_path))
     if path.is_dir():
         cfg = read_hf_config(path / "config.json")
-        tensors, tokenizer = read_hf_weights(path), load_tokenizer(path)
+        (tensors, source), tokenizer = read_hf_weights(path), load_tokenizer(path)
     elif path.suffix == ".gguf":
         cfg, tensors, tokenizer = read_gguf(path)
     else:
         raise CheckpointError(f"{path} is neither a model directory nor a .gguf file: pass the directory that "
                               "holds config.json and the weights, or a llama.cpp .gguf file")
-    return cfg, convert(cfg, tensors, path), tokenizer, path
+    return cfg, convert(cfg, tensors, source), tokenizer, source
 
 
 def check_tensors(source, expected: dict, tensors: dict):
     """Raise a CheckpointError naming every tensor that is missing, unexpected or of the wrong shape.
 
     expected: {our name: shape} of the model; tensors: read_checkpoint's {our name: (name in file, shape, load)}."""
+    def listed(names):  # a model of another size can miss hundreds
+        return str(names) if len(names) <= 12 else f"{str(names[:12])[:-1]}, ... ({len(names)} in all)]"
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(file_name for name, (file_name, _, _) in tensors.items() if name not in expected)
     wrong_shape = [f"{file_name}: checkpoint {shape} vs model {expected[name]}"
                    for name, (file_name, shape, _) in tensors.items() if name in expected and shape != expected[name]]
     if missing or unexpected or wrong_shape:
         raise CheckpointError(f"{source}: the checkpoint does not match the model config:"
-                              + (f"\n  missing tensors: {missing}" if missing else "")
-                              + (f"\n  unexpected tensors: {unexpected}" if unexpected else "")
-                              + (f"\n  wrong shapes: {wrong_shape}" if wrong_shape else "")
+                              + (f"\n  missing tensors: {listed(missing)}" if missing else "")
+                              + (f"\n  unexpected tensors: {listed(unexpected)}" if unexpected else "")
+                              + (f"\n  wrong shapes: {listed(wrong_shape)}" if wrong_shape else "")
                               + f"\nCheck that config.json belongs to these weights, or {REDOWNLOAD}.")
 
 
@@ -120,7 +124,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise CheckpointError(
             f"unsupported architecture: model_type={model_type!r}, architectures={hf.get('architectures')}. "
             f"Supported model_type values: {sorted(SUPPORTED_MODEL_TYPES)} "
-            "(GPT-2; Llama 2/3, TinyLlama and SmolLM2 are 'llama'; Mistral is 'mistral').")
+            "(GPT-2; Llama 2/3, TinyLlama and SmolLM2 are 'llama'; Mistral is 'mistral')")
     tokens = dict(bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
                   pad_token_id=hf.get("pad_token_id"))
     if model_type == "gpt2":
@@ -247,13 +251,17 @@ def read_torch_bin(path: Path):
     with reading(path, CheckpointError, REDOWNLOAD):
         try:  # mmap (no second copy in memory) needs the zip format of torch >= 1.6
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-        except pickle.UnpicklingError as e:
-            if "weights only load failed" not in str(e).lower():
+        except pickle.UnpicklingError as e:  # weights_only met something other than tensors and containers
+            detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:150]
+            what = ("holds pickled code or classes, not only tensors" if "Unsupported global" in detail
+                    else "is corrupt, truncated, or a pickle of more than tensors")
+            raise CheckpointError(f"{path} {what} ({detail}): torch.load(weights_only=True) refused it, and "
+                                  "nothing in it ran. Use only checkpoints you trust, and prefer model.safetensors "
+                                  f"(it cannot hold code); or {REDOWNLOAD}") from e
+        except OSError as e:  # mmap of a truncated zip: "Invalid argument"
+            if e.errno != errno.EINVAL:
                 raise
-            raise CheckpointError(
-                f"{path} holds pickled objects other than tensors (code that would run on loading, or other "
-                "classes), so it was refused, not run (torch.load weights_only=True). Use only checkpoints "
-                "you trust, and prefer model.safetensors, which cannot hold code.") from e
+            raise CheckpointError(f"{path} is corrupt or truncated (torch.load: {e.strerror}); {REDOWNLOAD}") from e
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise CheckpointError(f"{path} is not a state dict ({{name: tensor}}) but a {type(state).__name__} "
                               f"of other things; save model.state_dict(), or {REDOWNLOAD}")
@@ -261,7 +269,8 @@ def read_torch_bin(path: Path):
 
 
 def read_hf_weights(d: Path):
-    """The tensors of a Hugging Face directory: one weights file, or the shards its index lists."""
+    """(tensors, the files named in errors) of a Hugging Face directory: one weights file, or the
+    shards its index lists."""
     listed_by = None
     for index in (d / "model.safetensors.index.json", d / "pytorch_model.bin.index.json"):
         if index.exists():
@@ -282,7 +291,7 @@ def read_hf_weights(d: Path):
         if not (d / f).is_file():
             raise CheckpointError(f"{d / f} is missing, but {listed_by} lists it as a shard; {REDOWNLOAD}")
         tensors.update((read_safetensors if f.endswith(".safetensors") else read_torch_bin)(d / f))
-    return tensors
+    return tensors, (d / files[0] if len(files) == 1 else f"{d / listed_by} and its {len(files)} shards")
 
 
 # ----------------------------------------------------------------------------- 4. HF names <-> our names
@@ -456,9 +465,9 @@ def _locate_gguf_tensors(path: Path, index: list, data_start: int) -> dict:
             block, block_bytes = gguf.GGML_QUANT_SIZES[ggml_type]
             gguf.quants.dequantize(np.zeros((1, block_bytes), np.uint8), ggml_type)  # can this gguf decode it?
         except (ValueError, KeyError, NotImplementedError) as e:
-            raise CheckpointError(f"{path}: tensor {name} has ggml type {ggml_type!r}, which gguf "
-                                  f"{getattr(gguf, '__version__', '')} cannot dequantize ({e}); try upgrading "
-                                  "gguf, or use a GGUF quantized as Q8_0, Q4_0, Q4_1, F16 or F32") from e
+            raise CheckpointError(f"{path}: tensor {name} has ggml type {ggml_type!r}, which the installed gguf "
+                                  f"package cannot dequantize ({e}); try upgrading gguf, or use a GGUF quantized "
+                                  "as Q8_0, Q4_0, Q4_1, F16 or F32") from e
         if (not shape or shape[-1] % block
                 or data_start + offset + math.prod(shape) // block * block_bytes > file_size):
             raise CheckpointError(f"{path} is corrupt or truncated: tensor {name} {shape} of type "
@@ -580,7 +589,7 @@ def load_tokenizer(d: Path):
     """tokenizer.json if present, else vocab.json + merges.txt (GPT-2 calls it vocab.bpe), else None."""
     from tokenizers import Tokenizer
     d = Path(d)
-    fix = f"delete it (and use a tokenizer of your own), or {REDOWNLOAD}"
+    fix = "re-download the model's tokenizer files"
     if (d / "tokenizer.json").exists():
         with reading(d / "tokenizer.json", CheckpointError, fix):
             return Tokenizer.from_file(str(d / "tokenizer.json"))
@@ -592,7 +601,13 @@ def load_tokenizer(d: Path):
     if not isinstance(vocab, dict):
         raise CheckpointError(f"{d / 'vocab.json'} holds a JSON {type(vocab).__name__}, not {{token: id}}; {fix}")
     with reading(merges, CheckpointError, fix):
-        merge_list = [tuple(line.split(" ")) for line in merges.read_text(encoding="utf-8").splitlines()
-                      if line and not line.startswith("#version")]
-        special = [s for s in ("<|endoftext|>",) if s in vocab]
-        return byte_level_bpe(vocab, merge_list, special)
+        lines = merges.read_text(encoding="utf-8").splitlines()
+    merge_list = []
+    for number, line in enumerate(lines, 1):
+        if line and not line.startswith("#version"):
+            merge_list.append(tuple(line.split(" ")))
+            if len(merge_list[-1]) != 2:
+                raise CheckpointError(f"{merges}, line {number}: {line[:60]!r} is not a merge of two tokens "
+                                      f"('a b'); {fix}")
+    with reading(merges, CheckpointError, fix):  # e.g. a merge of tokens that vocab.json lacks
+        return byte_level_bpe(vocab, merge_list, [s for s in ("<|endoftext|>",) if s in vocab])

@@ -15,9 +15,8 @@ both families (GPT-2's fused Conv1D c_attn is split at load time), so KaSA adapt
 same names everywhere.
 
 Reading order: config -> norm/RoPE -> attention + KV cache -> MLP -> block -> model ->
-classification head -> load_pretrained. The file formats behind load_pretrained (safetensors,
-pytorch_model.bin, GGUF, tokenizers, hub ids) are in checkpoints.py, and the export to Hugging
-Face and PEFT is in export.py: machinery a reader may skip. This file imports only torch.
+classification head -> load_pretrained. Machinery a reader may skip lives elsewhere: the file
+formats (safetensors, .bin, GGUF, tokenizers, hub ids) in checkpoints.py, export in export.py.
 
     model, tokenizer = load_pretrained("path/or/hub-id/or/file.gguf", dtype=torch.bfloat16)
     logits, loss = model(input_ids, targets)       # targets already shifted by the caller
@@ -29,8 +28,6 @@ Face and PEFT is in export.py: machinery a reader may skip. This file imports on
     save_hf_checkpoint(model, tokenizer, "out/hf")    # export.py: merged weights, for transformers
     save_peft_adapter(model, "out/peft", "gpt2")      # export.py: LoRA of rank r + t on the original base
 """
-from __future__ import annotations
-
 import math
 from dataclasses import dataclass
 
@@ -411,8 +408,6 @@ class ClassificationHead(nn.Module):
         return self.score(last_token_states(hidden, attention_mask).to(self.score.weight.dtype))
 
 
-
-
 # ----------------------------------------------------------------------------- load_pretrained
 
 def load_pretrained(name_or_path, dtype=torch.float32, device="cpu"):
@@ -420,9 +415,8 @@ def load_pretrained(name_or_path, dtype=torch.float32, device="cpu"):
 
     The model is built on the meta device and each checkpoint tensor is materialised once, directly
     in `dtype` on `device`; names and shapes must match exactly (no random init, no strict=False).
-    The tokenizer is a `tokenizers.Tokenizer`, or None when the checkpoint ships none. A file that
-    is missing, corrupt or of another model raises errors.CheckpointError, naming it and the fix.
-    """
+    The tokenizer is a `tokenizers.Tokenizer`, or None. A file that is missing, corrupt or of
+    another model raises errors.CheckpointError, naming it and the fix."""
     from checkpoints import check_tensors, read_checkpoint  # the file formats: a module of their own
     cfg, tensors, tokenizer, source = read_checkpoint(name_or_path)  # {our name: (name in file, shape, load)}
     with torch.device("meta"):
@@ -431,7 +425,7 @@ def load_pretrained(name_or_path, dtype=torch.float32, device="cpu"):
                 if not (cfg.tie_embeddings and name == "lm_head.weight")}  # a tied lm_head is tok_emb
     check_tensors(source, expected, tensors)  # every name and shape, before any weight is read
     state = {}
-    for name, (file_name, _, load) in tensors.items():  # one tensor in memory at a time
+    for name, (file_name, _, load) in tensors.items():  # read one at a time, straight into dtype
         state[name] = load(dtype).to(device).contiguous()
         assert tuple(state[name].shape) == expected[name], f"{file_name} -> {name}: {tuple(state[name].shape)}"
     if cfg.tie_embeddings:
@@ -441,8 +435,7 @@ def load_pretrained(name_or_path, dtype=torch.float32, device="cpu"):
     return model.eval(), tokenizer
 
 
-# Names that moved to checkpoints.py and export.py still import from here (`from model import
-# save_hf_checkpoint`), lazily (PEP 562), so that importing model imports torch only.
+# Names that moved to checkpoints.py / export.py still import from here, lazily (PEP 562).
 _MOVED = {"CheckpointError": "errors", "SUPPORTED_MODEL_TYPES": "checkpoints", "byte_level_bpe": "checkpoints",
           "load_tokenizer": "checkpoints", "unpermute_qk": "checkpoints", "hf_config": "export",
           "hf_state_dict": "export", "peft_lora_weights": "export", "save_hf_checkpoint": "export",
