@@ -155,7 +155,7 @@ def pickled(good, tmp, obj, how="torch.save"):
     if how == "torch.save":
         torch.save(obj, d / "pytorch_model.bin")
     else:
-        (d / "pytorch_model.bin").write_bytes(pickle.dumps(obj))
+        (d / "pytorch_model.bin").write_bytes(pickle.dumps(obj, protocol=2))  # the protocol torch.load reads
     return d, d / "pytorch_model.bin"
 
 
