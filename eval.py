@@ -295,8 +295,8 @@ def e2e_evaluator(config, tokenizer):
     references.txt into out_dir, and scores them. The caller passes the merged model in eval mode.
     """
     groups = e2e_test_groups(config)
-    beam = BeamSearchConfig(setting(config, "num_beams"), setting(config, "max_new_tokens"),
-                            setting(config, "length_penalty"), setting(config, "no_repeat_ngram_size"))
+    beam = BeamSearchConfig(**{name: setting(config, name) for name in
+                               ("num_beams", "max_new_tokens", "length_penalty", "no_repeat_ngram_size")})
 
     def evaluate(model, out_dir) -> dict:
         device_type = model.lm_head.weight.device.type
