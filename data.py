@@ -23,16 +23,22 @@ pair the eos token and sentence B; a classification head reads the last real tok
 """
 import csv
 import hashlib
+import io
 import math
-import os
 import sys
-import tempfile
 import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from errors import ConfigError, DataError, describe_os_error, reading
+from files import write_atomic, write_text_atomic
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """A data file or folder that is not where the settings say."""
 
 # -----------------------------------------------------------------------------
 # E2E: reading the official CSV files
@@ -54,37 +60,53 @@ def _header_index(header, names):
 
 
 def load_e2e_split(path) -> list[E2EExample]:
-    """Read one E2E CSV (original `mr,ref`, cleaned `mr,ref,fixed,orig_mr`, or MR-only `MR`)."""
+    """Read one E2E CSV (original `mr,ref`, cleaned `mr,ref,fixed,orig_mr`, or MR-only `MR`).
+
+    A file that is missing, not UTF-8, empty, only a header, without an 'mr' column, or with a bad
+    row raises DataError naming the file, the line and what is expected."""
     path = Path(path)
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
+    with reading(path, DataError, "expected an E2E CSV file in UTF-8 with a header line mr,ref"):
+        with open(path, newline="", encoding="utf-8") as f:
+            text = f.read()
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
         header = next(reader, None)
         if header is None:
-            raise ValueError(f"{path}: file is empty; expected a CSV with an 'mr' header")
-        mr_col = _header_index(header, ["mr"])
-        ref_col = _header_index(header, ["ref"])
+            raise DataError(f"{path}: file is empty; expected a CSV with an 'mr' header")
+        mr_col, ref_col = _header_index(header, ["mr"]), _header_index(header, ["ref"])
         if mr_col is None:
-            raise ValueError(f"{path}: line 1: no 'mr' column in header {header}; "
-                             "expected the E2E CSV format (mr,ref)")
+            raise DataError(f"{path}: line 1: no 'mr' column in header {header}; "
+                            "expected the E2E CSV format (mr,ref)")
         examples = []
         for row in reader:
-            line = reader.line_num  # physical line where this row ends (refs may span lines)
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise ValueError(f"{path}: line {line}: {len(row)} columns, header has "
-                                 f"{len(header)}; fix the row's quoting or missing column")
-            mr = row[mr_col].strip()
-            if not mr:
-                raise ValueError(f"{path}: line {line}: empty MR; every row needs an 'mr' value")
-            ref = None
-            if ref_col is not None:
-                ref = row[ref_col].strip()
-                if not ref:
-                    raise ValueError(f"{path}: line {line}: empty reference for MR {mr!r}; "
-                                     "remove the row or fill in its 'ref' value")
-            examples.append(E2EExample(mr, ref))
+            if row:
+                examples.append(_e2e_example(path, reader.line_num, row, header, mr_col, ref_col))
+    except csv.Error as e:
+        raise DataError(f"{path}: line {reader.line_num}: {e}; expected a CSV file (mr,ref)") from e
+    if not examples:
+        raise DataError(f"{path}: holds only the header line; expected one row per (MR, reference) pair")
     return examples
+
+
+def _e2e_example(path, line: int, row: list, header: list, mr_col: int, ref_col) -> E2EExample:
+    """One CSV row, checked; `line` is the physical line where the row ends (refs may span lines)."""
+    if len(row) != len(header):
+        raise DataError(f"{path}: line {line}: {len(row)} columns, header has "
+                        f"{len(header)}; fix the row's quoting or missing column")
+    mr = row[mr_col].strip()
+    if not mr:
+        raise DataError(f"{path}: line {line}: empty MR; every row needs an 'mr' value")
+    try:
+        parse_mr(mr)
+    except DataError as e:
+        raise DataError(f"{path}: line {line}: {e}") from e
+    ref = None
+    if ref_col is not None:
+        ref = row[ref_col].strip()
+        if not ref:
+            raise DataError(f"{path}: line {line}: empty reference for MR {mr!r}; "
+                            "remove the row or fill in its 'ref' value")
+    return E2EExample(mr, ref)
 
 
 def group_references(examples) -> list[tuple[str, list[str]]]:
@@ -113,13 +135,13 @@ def parse_mr(mr: str) -> list[tuple[str, str]]:
     while rest:
         open_at, close_at = rest.find("["), rest.find("]")
         if open_at <= 0 or close_at < open_at:
-            raise ValueError(f"malformed MR {mr!r}: expected 'slot[value], slot[value], ...'")
+            raise DataError(f"malformed MR {mr!r}: expected 'slot[value], slot[value], ...'")
         slots.append((rest[:open_at].strip(), rest[open_at + 1:close_at].strip()))
         rest = rest[close_at + 1:].strip()
         if rest.startswith(","):
             rest = rest[1:].strip()
         elif rest:
-            raise ValueError(f"malformed MR {mr!r}: expected ',' after ']' but found {rest[:10]!r}")
+            raise DataError(f"malformed MR {mr!r}: expected ',' after ']' but found {rest[:10]!r}")
     return slots
 
 
@@ -152,8 +174,8 @@ def encode_e2e_example(tokenizer, mr: str, ref: str, eos_id: int, max_len: int):
     context = encode_e2e_context(tokenizer, mr, eos_id)
     completion = tokenizer.encode(" " + ref).ids + [eos_id]
     if len(context) >= max_len:
-        raise ValueError(f"MR {mr!r} takes {len(context)} tokens, max_len={max_len} leaves no room "
-                         "for the reference; raise max_len")
+        raise ConfigError(f"MR {mr!r} takes {len(context)} tokens, max_len={max_len} leaves no room "
+                          "for the reference; raise max_len (--max-len)")
     input_ids = (context + completion)[:max_len]
     targets = [-100] * (len(context) - 1) + input_ids[len(context):] + [-100]
     return input_ids, targets
@@ -199,67 +221,61 @@ E2E_CHECKSUMS = {
 }
 
 
-def file_checksum(path, algorithm: str) -> str:
-    """'sha256' (plain file hash) or 'git-sha1' (git blob id) of a file, as hex."""
-    path = Path(path)
+def checksum(content: bytes, algorithm: str) -> str:
+    """'sha256' (plain hash) or 'git-sha1' (git blob id) of some bytes, as hex."""
     if algorithm == "sha256":
-        digest = hashlib.sha256()
-    elif algorithm == "git-sha1":
-        digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
-    else:
-        raise ValueError(f"unknown checksum algorithm {algorithm!r}; use 'sha256' or 'git-sha1'")
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.sha256(content).hexdigest()
+    if algorithm == "git-sha1":
+        return hashlib.sha1(f"blob {len(content)}\0".encode() + content).hexdigest()
+    raise ValueError(f"unknown checksum algorithm {algorithm!r}; use 'sha256' or 'git-sha1'")
 
 
-def verify_checksum(path, expected: str) -> None:
-    """Raise if the file does not match the pinned 'algorithm:hex' checksum."""
+def file_checksum(path, algorithm: str) -> str:
+    return checksum(Path(path).read_bytes(), algorithm)
+
+
+def verify_checksum(name: str, content: bytes, expected: str) -> None:
+    """Raise DataError if `content` (the file `name`) does not match the pinned 'algorithm:hex' checksum."""
     algorithm, want = expected.split(":", 1)
-    got = file_checksum(path, algorithm)
+    got = checksum(content, algorithm)
     if got != want:
-        raise ValueError(f"{path}: {algorithm} checksum {got} != expected {want}; the download is "
-                         "corrupt or upstream changed: delete the file and run again")
+        raise DataError(f"{name}: {algorithm} checksum {got} != expected {want}; the download is "
+                        "corrupt or upstream changed: run again, or pass --data-dir with the official files")
+
+
+def fetch(url: str, name: str) -> bytes:
+    """The bytes at url, with a progress bar on stderr."""
+    chunks, done = [], 0
+    try:
+        with urllib.request.urlopen(url) as response:
+            total = int(response.headers.get("Content-Length") or 0)
+            for chunk in iter(lambda: response.read(1 << 16), b""):
+                chunks.append(chunk)
+                done += len(chunk)
+                _print_progress(name, done, total)
+    except OSError as e:  # urllib's URLError and HTTPError are OSErrors
+        reason = getattr(e, "reason", None) or describe_os_error(e)
+        raise DataError(f"cannot download {url}: {reason}; check the network, or download the files "
+                        "yourself and pass --data-dir") from e
+    print(file=sys.stderr)
+    return b"".join(chunks)
 
 
 def download(url: str, dest, expected_checksum: str | None = None) -> Path:
-    """Download url to dest with a progress bar; write a temp file, verify, then rename."""
+    """Download url to dest: fetch, verify the checksum, then write it atomically (files.py)."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url) as response:
-            total = int(response.headers.get("Content-Length") or 0)
-            done = 0
-            for chunk in iter(lambda: response.read(1 << 16), b""):
-                out.write(chunk)
-                done += len(chunk)
-                _print_progress(dest.name, done, total)
-        print(file=sys.stderr)
-        if expected_checksum is not None:
-            verify_checksum(tmp, expected_checksum)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dest
+    content = fetch(url, dest.name)
+    if expected_checksum is not None:
+        verify_checksum(dest.name, content, expected_checksum)
+    return write_atomic(dest, lambda f: f.write(content))
 
 
 def extract_member(archive: zipfile.ZipFile, member: str, dest, expected_checksum: str | None = None) -> Path:
-    """Extract one file of a zip to dest: write a temp file, verify, then rename."""
-    dest = Path(dest)
-    extracted = dest.with_name(dest.name + ".part")
-    with archive.open(member) as src, open(extracted, "wb") as out:
-        out.write(src.read())
-    try:
-        if expected_checksum is not None:
-            verify_checksum(extracted, expected_checksum)
-    except ValueError:
-        os.remove(extracted)
-        raise
-    os.replace(extracted, dest)
-    return dest
+    """Extract one file of a zip to dest: verify it, then write it atomically."""
+    content = archive.read(member)
+    if expected_checksum is not None:
+        verify_checksum(Path(dest).name, content, expected_checksum)
+    return write_atomic(dest, lambda f: f.write(content))
 
 
 def _print_progress(name: str, done: int, total: int) -> None:
@@ -271,25 +287,29 @@ def _print_progress(name: str, done: int, total: int) -> None:
     print(f"\rdownloading {name} {bar}", end="", file=sys.stderr, flush=True)
 
 
+def open_zip(url: str) -> zipfile.ZipFile:
+    """A downloaded zip, in memory (nothing is left on disk)."""
+    try:
+        return zipfile.ZipFile(io.BytesIO(fetch(url, url.rsplit("/", 1)[1])))
+    except zipfile.BadZipFile as e:
+        raise DataError(f"{url} is not a zip file ({e}); run again, or pass --data-dir with the files") from e
+
+
 def download_e2e(version: str, cache_dir) -> Path:
     """Download one E2E version into cache_dir/version and verify it; return that folder."""
     target = Path(cache_dir) / version
-    target.mkdir(parents=True, exist_ok=True)
     names = list(E2E_FILE_NAMES[version].values())
     if version == "cleaned":
         for name in names:
             if not (target / name).exists():
                 download(E2E_CLEANED_URL + name, target / name, E2E_CHECKSUMS[name])
         return target
-    zip_path = download(E2E_RELEASE_URL, Path(cache_dir) / "e2e-dataset.zip")
-    with zipfile.ZipFile(zip_path) as archive:
+    with open_zip(E2E_RELEASE_URL) as archive:
         members = {Path(member).name: member for member in archive.namelist()}
         for name in names:
             if name not in members:
-                raise ValueError(f"{E2E_RELEASE_URL}: the release zip has no {name}; "
-                                 f"found {sorted(members)}")
+                raise DataError(f"{E2E_RELEASE_URL}: the release zip has no {name}; found {sorted(members)}")
             extract_member(archive, members[name], target / name, E2E_CHECKSUMS[name])
-    os.remove(zip_path)
     return target
 
 
@@ -297,13 +317,13 @@ def resolve_e2e_files(version: str = "original", data_dir=None,
                       cache_dir=DEFAULT_CACHE_DIR) -> dict[str, Path | None]:
     """Paths of the E2E train/dev/test CSVs for version 'original' or 'cleaned'.
 
-    data_dir given: use the files there (in data_dir or data_dir/version, e.g. the shared store's
-    e2e/); no download. A missing train split gives train=None so the caller can train on dev and
-    say so (the shared store has no train split). data_dir None: use cache_dir, downloading the
+    data_dir given: use the files there (in data_dir, or in data_dir/original and data_dir/cleaned);
+    no download. A missing train split gives train=None so the caller can train on dev and say so
+    (a local copy may hold only dev and test). data_dir None: use cache_dir, downloading the
     official release into it on first use.
     """
     if version not in E2E_FILE_NAMES:
-        raise ValueError(f"unknown E2E version {version!r}; use 'original' or 'cleaned'")
+        raise DataError(f"unknown E2E version {version!r}; use 'original' or 'cleaned'")
     names = E2E_FILE_NAMES[version]
     if data_dir is None:
         folder = Path(cache_dir) / version
@@ -316,8 +336,8 @@ def resolve_e2e_files(version: str = "original", data_dir=None,
     paths = {split: folder / name for split, name in names.items()}
     missing = [str(paths[split]) for split in ("dev", "test") if not paths[split].exists()]
     if missing:
-        raise FileNotFoundError(f"E2E {version} files not found: {missing}; point data_dir at the "
-                                "folder holding them, or leave it unset to download the release")
+        raise MissingDataError(f"E2E {version} files not found: {missing}; point --data-dir at the "
+                               "folder holding them, or leave it unset to download the release")
     if not paths["train"].exists():
         paths["train"] = None
     return paths
@@ -368,46 +388,56 @@ class GlueExample:
 
 def glue_spec(task: str) -> GlueTask:
     if task not in GLUE_TASKS:
-        raise ValueError(f"unknown GLUE task {task!r}; choose one of {sorted(GLUE_TASKS)}")
+        raise DataError(f"unknown GLUE task {task!r}; choose one of {sorted(GLUE_TASKS)}")
     return GLUE_TASKS[task]
 
 
 def load_glue_split(task: str, path) -> list[GlueExample]:
-    """Read one GLUE TSV file (train.tsv or dev.tsv) of `task`; sentences are stripped of outer spaces."""
+    """Read one GLUE TSV file (train.tsv or dev.tsv) of `task`; sentences are stripped of outer spaces.
+
+    A file that is missing, not UTF-8, empty, only a header, with another header, or with a bad
+    row raises DataError naming the file, the line and what is expected."""
     spec, path = glue_spec(task), Path(path)
-    lines = path.read_text(encoding="utf-8-sig").split("\n")  # utf-8-sig drops MRPC's byte-order mark
+    with reading(path, DataError, f"expected the {spec.folder} TSV file of the GLUE release, in UTF-8"):
+        lines = path.read_text(encoding="utf-8-sig").split("\n")  # utf-8-sig drops MRPC's byte-order mark
+    if not any(line.strip() for line in lines):
+        raise DataError(f"{path}: file is empty; expected the {spec.folder} TSV file of the GLUE release")
     if spec.header is not None:
         header = tuple(lines[0].rstrip("\r").split("\t"))
         if header != spec.header:
-            raise ValueError(f"{path}: line 1: header {header}, but {task} files start with {spec.header}; "
-                             f"is this the {spec.folder} file?")
+            raise DataError(f"{path}: line 1: header {header}, but {task} files start with {spec.header}; "
+                            f"is this the {spec.folder} file?")
     first = 1 if spec.header is None else 2
-    examples = []
-    for number, line in enumerate(lines[first - 1:], start=first):
-        line = line.rstrip("\r")
-        if not line:
-            continue
-        cells = line.split("\t")
-        if len(cells) != spec.n_columns:
-            raise ValueError(f"{path}: line {number}: {len(cells)} tab-separated columns, {task} rows have "
-                             f"{spec.n_columns}; fix or remove the row (a tab inside a sentence?)")
-        raw = cells[spec.label_column].strip()
-        if spec.label_names is None:
-            try:
-                label = float(raw)
-            except ValueError:
-                label = math.nan
-            if not 0 <= label <= 5:
-                raise ValueError(f"{path}: line {number}: score {raw!r} is not a number in [0, 5]")
-        elif raw in spec.label_names:
-            label = spec.label_names.index(raw)
-        else:
-            raise ValueError(f"{path}: line {number}: label {raw!r}; {task} labels are {list(spec.label_names)}")
-        texts = [cells[column].strip() for column in spec.text_columns]
-        if not all(texts):
-            raise ValueError(f"{path}: line {number}: empty sentence in column {spec.text_columns[texts.index('')] + 1}")
-        examples.append(GlueExample(texts[0], texts[1] if len(texts) == 2 else None, label))
+    examples = [_glue_example(path, task, number, line.rstrip("\r"))
+                for number, line in enumerate(lines[first - 1:], start=first) if line.rstrip("\r")]
+    if not examples:
+        raise DataError(f"{path}: holds only the header line; expected one {task} example per line after it")
     return examples
+
+
+def _glue_example(path, task: str, number: int, line: str) -> GlueExample:
+    """One TSV line (number `number` of `path`), checked."""
+    spec = GLUE_TASKS[task]
+    cells = line.split("\t")
+    if len(cells) != spec.n_columns:
+        raise DataError(f"{path}: line {number}: {len(cells)} tab-separated columns, {task} rows have "
+                        f"{spec.n_columns}; fix or remove the row (a tab inside a sentence?)")
+    raw = cells[spec.label_column].strip()
+    if spec.label_names is None:
+        try:
+            label = float(raw)
+        except ValueError:
+            label = math.nan
+        if not 0 <= label <= 5:
+            raise DataError(f"{path}: line {number}: score {raw!r} is not a number in [0, 5]")
+    elif raw in spec.label_names:
+        label = spec.label_names.index(raw)
+    else:
+        raise DataError(f"{path}: line {number}: label {raw!r}; {task} labels are {list(spec.label_names)}")
+    texts = [cells[column].strip() for column in spec.text_columns]
+    if not all(texts):
+        raise DataError(f"{path}: line {number}: empty sentence in column {spec.text_columns[texts.index('')] + 1}")
+    return GlueExample(texts[0], texts[1] if len(texts) == 2 else None, label)
 
 
 # -----------------------------------------------------------------------------
@@ -465,26 +495,26 @@ MRPC_SOURCES = {
 
 def download_mrpc(target) -> Path:
     """Build MRPC's train.tsv and dev.tsv in `target` as GLUE's download script does; return target."""
-    target = Path(target)
-    sources = {name: download(url, target / name, checksum) for name, (url, checksum) in MRPC_SOURCES.items()}
-    dev_ids = {tuple(line.strip().split("\t"))
-               for line in sources["mrpc_dev_ids.tsv"].read_text(encoding="utf-8").split("\n") if line.strip()}
-    header, *rows = sources["msr_paraphrase_train.txt"].read_text(encoding="utf-8").split("\n")
+    target, sources = Path(target), {}
+    for name, (url, expected) in MRPC_SOURCES.items():
+        content = fetch(url, name)
+        if expected is not None:
+            verify_checksum(name, content, expected)
+        with reading(url, DataError, "run again, or pass --data-dir with MRPC's train.tsv and dev.tsv"):
+            sources[name] = content.decode("utf-8")
+    dev_ids = {tuple(line.strip().split("\t")) for line in sources["mrpc_dev_ids.tsv"].split("\n") if line.strip()}
+    header, *rows = sources["msr_paraphrase_train.txt"].split("\n")
     splits = {"train": [header.strip()], "dev": [header.strip()]}  # the header keeps its byte-order mark, as GLUE's
     for number, row in enumerate(rows, start=2):
         if not row.strip():
             continue
         cells = row.strip().split("\t")
         if len(cells) != 5:
-            raise ValueError(f"{sources['msr_paraphrase_train.txt']}: line {number}: {len(cells)} columns, expected "
-                             "5 (Quality, #1 ID, #2 ID, #1 String, #2 String); delete the file and run again")
+            raise DataError(f"{MRPC_SOURCES['msr_paraphrase_train.txt'][0]}: line {number}: {len(cells)} columns, "
+                            "expected 5 (Quality, #1 ID, #2 ID, #1 String, #2 String); run again")
         splits["dev" if (cells[1], cells[2]) in dev_ids else "train"].append("\t".join(cells))
     for split, lines in splits.items():
-        part = target / f"{split}.tsv.part"
-        part.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        os.replace(part, target / f"{split}.tsv")
-    for path in sources.values():
-        os.remove(path)
+        write_text_atomic(target / f"{split}.tsv", "\n".join(lines) + "\n")
     return target
 
 
@@ -492,24 +522,21 @@ def download_glue(task: str, cache_dir=GLUE_CACHE_DIR) -> Path:
     """Download one GLUE task's train.tsv and dev.tsv into cache_dir/<folder>; return that folder."""
     spec = glue_spec(task)
     target = Path(cache_dir) / spec.folder
-    target.mkdir(parents=True, exist_ok=True)
     if spec.url is None:
         return download_mrpc(target)
-    zip_path = download(spec.url, Path(cache_dir) / spec.url.rsplit("/", 1)[1])
-    with zipfile.ZipFile(zip_path) as archive:
+    with open_zip(spec.url) as archive:
         for split in GLUE_SPLITS:
             member = f"{spec.folder}/{split}.tsv"
             if member not in archive.namelist():
-                raise ValueError(f"{spec.url}: the zip has no {member}; found {sorted(archive.namelist())}")
+                raise DataError(f"{spec.url}: the zip has no {member}; found {sorted(archive.namelist())}")
             extract_member(archive, member, target / f"{split}.tsv")
-    os.remove(zip_path)
     return target
 
 
 def resolve_glue_files(task: str, data_dir=None, cache_dir=GLUE_CACHE_DIR) -> dict[str, Path]:
     """Paths of a GLUE task's train.tsv and dev.tsv.
 
-    data_dir given: data_dir/<folder> (e.g. /work/shared/data/glue/SST-2), or data_dir itself when it
+    data_dir given: data_dir/<folder> (e.g. DATA/glue/SST-2 for --data-dir DATA/glue), or data_dir itself when it
     is the task folder; no download. data_dir None: cache_dir/<folder>, downloaded on first use.
     """
     spec = glue_spec(task)
@@ -523,7 +550,7 @@ def resolve_glue_files(task: str, data_dir=None, cache_dir=GLUE_CACHE_DIR) -> di
     paths = {split: folder / f"{split}.tsv" for split in GLUE_SPLITS}
     missing = [str(path) for path in paths.values() if not path.exists()]
     if missing:
-        raise FileNotFoundError(f"GLUE {spec.folder} files not found: {missing}; point --data-dir at the folder "
-                                f"holding {spec.folder}/train.tsv and dev.tsv, or leave it unset to download "
-                                "the official release")
+        raise MissingDataError(f"GLUE {spec.folder} files not found: {missing}; point --data-dir at the folder "
+                               f"holding {spec.folder}/train.tsv and dev.tsv, or leave it unset to download "
+                               "the official release")
     return paths

@@ -279,20 +279,14 @@ def e2e_task(config: TrainConfig, model, tokenizer) -> Task:
               f"({train_path.name}) and evaluating on the test set")
     train = [data.encode_e2e_example(tokenizer, ex.mr, ex.ref, eos_id, config.max_len)
              for ex in data.load_e2e_split(train_path)]
-    test_groups = data.group_references(data.load_e2e_split(paths["test"]))
-    if config.max_eval_examples:
-        test_groups = test_groups[:config.max_eval_examples]
     collate = lambda examples: data.collate_e2e(examples, pad_id=pad_id)  # noqa: E731
 
     def loss(model, batch):
         return model.loss(batch["input_ids"], batch["targets"], attention_mask=batch["attention_mask"],
                           label_smoothing=config.label_smoothing)  # lm_head at target positions only
 
-    beam = evaluation.BeamSearchConfig(config.num_beams, config.max_new_tokens, config.length_penalty,
-                                       config.no_repeat_ngram_size)
-
-    def evaluate(model, out_dir):
-        return evaluation.evaluate_e2e(model, tokenizer, test_groups, eos_id, out_dir, beam, config.eval_batch_size)
+    # The one E2E evaluation (eval.py), the same as `eval.py --checkpoint`; it reads the test set now.
+    evaluate = evaluation.e2e_evaluator(config, tokenizer)
 
     return Task(train, collate, loss, lambda batch: int((batch["targets"] != -100).sum()), evaluate,
                 probe_batches=[collate(train[i:i + 8]) for i in (0, 8)])

@@ -1,4 +1,4 @@
-"""eval.py's metrics against independent references.
+"""metrics.py's metrics against independent references.
 
 E2E: the official scorer's scores on real test-set outputs (fixtures/e2e_official_scores.json, made by
 fixtures/make_e2e_scorer_fixture.py with tuetschek/e2e-metrics), tokens from the official tokenisers
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-import eval as evaluation
+import eval as eval_cli
+import metrics as evaluation
 from conftest import SHARED_DATA
 from data import group_references, load_e2e_split
 
@@ -74,8 +75,8 @@ def test_e2e_metrics_agree_with_official_scorer(name):
 def test_cli_reads_csv_references_as_the_official_scorer_groups_them(shared_data, monkeypatch, capsys):
     # METEOR is checked above; hiding the jar keeps this test fast and exercises the fallback.
     monkeypatch.setenv("KASA_METEOR_JAR", str(FIXTURES / "no-such.jar"))
-    evaluation.main(["--refs", str(shared_data / "e2e" / "original" / "testset_w_refs.csv"),
-                     "--hyps", str(FIXTURES / "e2e_test_hyps.txt")])
+    eval_cli.main(["--refs", str(shared_data / "e2e" / "original" / "testset_w_refs.csv"),
+                   "--hyps", str(FIXTURES / "e2e_test_hyps.txt")])
     printed = json.loads(capsys.readouterr().out)
     assert printed["METEOR"] is None
     official = OFFICIAL["full_test_csv_refs"]

@@ -1,4 +1,4 @@
-"""The truncation report (kasa.truncation_report) and the run plots (eval.write_plots).
+"""The truncation report (kasa.truncation_report) and the run plots (plots.write_plots).
 
 The report's numbers are checked against an independent recomputation: numpy's float64 SVD of the
 original weights, and the loss of copies of the pretrained model truncated by hand.
@@ -14,6 +14,7 @@ import torch.nn as nn
 
 import eval as evaluation
 import kasa
+import plots
 from model import ModelConfig, Transformer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -180,7 +181,7 @@ def test_plots_are_written_as_png_files(tmp_path):
 
 def test_plots_skip_missing_inputs_one_line_each(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    assert evaluation.write_plots(tmp_path) == []
+    assert plots.write_plots(tmp_path) == []
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3
     for line, source in zip(lines, ("history.json", "adapter.safetensors", "truncation_report.json")):
@@ -191,7 +192,7 @@ def test_without_matplotlib_one_line_says_what_was_skipped(tmp_path, capsys, mon
     write_run_dir(tmp_path)
     monkeypatch.setitem(sys.modules, "matplotlib", None)    # import matplotlib now raises ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    assert evaluation.write_plots(tmp_path) == []
+    assert plots.write_plots(tmp_path) == []
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and "matplotlib is not installed" in lines[0]
     assert not (tmp_path / "plots").exists()
@@ -199,5 +200,5 @@ def test_without_matplotlib_one_line_says_what_was_skipped(tmp_path, capsys, mon
 
 def test_heat_map_rows_follow_block_order():
     names = ["blocks.10.attn.v_proj", "blocks.9.attn.v_proj", "blocks.1.attn.v_proj"]
-    assert [evaluation._short_layer_name(n) for n in sorted(names, key=evaluation._layer_order)] == \
+    assert [plots._short_layer_name(n) for n in sorted(names, key=plots._layer_order)] == \
         ["1.v_proj", "9.v_proj", "10.v_proj"]
