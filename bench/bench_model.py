@@ -19,9 +19,10 @@ random weights of its shape with --random. transformers' model is built from our
   2. KV-cached greedy decoding, 64 new tokens after a 32-token prompt, batch 1 and 8, in new
      tokens/s: model.generate vs transformers' generate (and whether the tokens are identical);
   3. CPU bf16 (--device cpu): ours in float32 against ours under torch.autocast("cpu", bfloat16),
-     train.py's --dtype bfloat16: the KaSA r=8 q,v training step on the E2E batch, then greedy
+     with the frozen base in float32 (train.py --dtype bfloat16 on the CPU) and stored in bf16 (as
+     train.py stores it on CUDA): the KaSA r=8 q,v training step on the E2E batch, then greedy
      decoding (model.generate, --new-tokens after each of --bf16-mrs E2E test MRs, batch 1, on the
-     merged model), with how many of the greedy tokens agree;
+     merged model), with how many outputs equal float32's;
   4. loading, each loader in a fresh subprocess: wall time to a usable model (every weight read
      once: transformers maps safetensors files, whose pages count only once touched) and peak RSS
      increase over the process after its imports, against the float32 model's size in bytes (the
@@ -144,7 +145,7 @@ def train_steps(ours, hf, batch, autocast, variants):
 
 def bench_training(ours, hf, batches: dict, args, autocast, sync):
     rows = []
-    for mode in (["full"] if args.full else []) + ["frozen", "qv r=8"]:
+    for mode in (["full"] if args.full else []) + ([] if "frozen" in args.skip.split(",") else ["frozen"]) + ["qv r=8"]:
         if mode == "qv r=8":  # last: adapters change the models in place
             import peft
             kasa.apply_kasa(ours, targets=("q_proj", "v_proj"), r=8, alpha=16)
@@ -209,48 +210,65 @@ def bench_decoding(ours, hf, args, device, autocast, sync):
     return rows
 
 
+def with_bf16_base(model):
+    """A copy whose frozen weights are stored in bf16 (the adapter stays float32), as train.py stores
+    the base on CUDA: under autocast a float32 weight is cast to bf16 again at every call."""
+    twin = copy.deepcopy(model)
+    for p in twin.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    return twin
+
+
 def bench_cpu_bf16(ours, tokenizer, batch, args):
-    """Ours in float32 against ours under CPU bf16 autocast (train.py --dtype bfloat16 on the CPU):
-    the KaSA r=8 q,v training step on `batch`, then greedy decoding of E2E test MRs, batch 1, on
-    the merged model (as train.py decodes). Leaves the model merged."""
-    precisions = {"float32": contextlib.nullcontext, "bf16": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
+    """Ours in float32 against ours under CPU bf16 autocast, with the base in float32 (what train.py
+    --dtype bfloat16 does on the CPU) and stored in bf16: the KaSA r=8 q,v training step on `batch`,
+    then greedy decoding of E2E test MRs, batch 1, on the merged models (as train.py decodes)."""
     if not any(isinstance(m, kasa.KaSALinear) for m in ours.modules()):
         kasa.apply_kasa(ours, targets=("q_proj", "v_proj"), r=8, alpha=16)
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    variants = {"float32": (ours, contextlib.nullcontext), "bf16 autocast": (ours, bf16),
+                "bf16 base + autocast": (with_bf16_base(ours), bf16)}
     losses, outputs = {}, {}
 
     def step(name):
+        model, precision = variants[name]
+
         def run():
-            with precisions[name]():
-                loss = ours.loss(batch["input_ids"], batch["targets"], attention_mask=batch["attention_mask"])
+            with precision():
+                loss = model.loss(batch["input_ids"], batch["targets"], attention_mask=batch["attention_mask"])
             loss.backward()
             losses.setdefault(name, loss.item())
-            ours.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
         return run
-    train_s = timed_alternately({name: step(name) for name in precisions}, args.repeats, lambda: None)
-    tokens = int(batch["attention_mask"].sum())
+    train_s = timed_alternately({name: step(name) for name in variants}, args.repeats, lambda: None)
 
-    kasa.merge_kasa(ours)
+    for model, _ in variants.values():
+        kasa.merge_kasa(model)  # the bf16 twin merges into its bf16 weights
     eos_id, _ = data.eos_and_pad_ids(ours.config)
     groups = data.group_references(data.load_e2e_split(data.resolve_e2e_files("original", args.e2e_dir)["test"]))
     prompts = [torch.tensor([data.encode_e2e_context(tokenizer, mr, eos_id)]) for mr, _ in groups[:args.bf16_mrs]]
 
     def decode(name):
+        model, precision = variants[name]
+
         def run():
-            with torch.no_grad(), precisions[name]():
-                outputs[name] = [ours.generate(p, args.new_tokens)[0, p.shape[1]:] for p in prompts]
+            with torch.no_grad(), precision():
+                outputs[name] = [model.generate(p, args.new_tokens)[0, p.shape[1]:] for p in prompts]
         return run
-    decode_s = timed_alternately({name: decode(name) for name in precisions}, args.decode_repeats, lambda: None)
-    same = sum(torch.equal(a, b) for a, b in zip(outputs["float32"], outputs["bf16"]))
-    new = len(prompts) * args.new_tokens
-    rows = [dict(part=f"training step, E2E {tuple(batch['input_ids'].shape)}", tokens=tokens, losses=losses,
-                 float32_s=train_s["float32"], bf16_s=train_s["bf16"], ratio=train_s["bf16"] / train_s["float32"]),
-            dict(part=f"greedy decoding, {len(prompts)} MRs x {args.new_tokens} tokens", tokens=new,
-                 identical_outputs=f"{same}/{len(prompts)}", float32_s=decode_s["float32"], bf16_s=decode_s["bf16"],
-                 ratio=decode_s["bf16"] / decode_s["float32"])]
-    notes = [f"loss {losses['float32']:.4f} / {losses['bf16']:.4f}", f"{same}/{len(prompts)} outputs identical"]
-    for row, note in zip(rows, notes):
-        print(f"| {row['part']} | {row['tokens'] / row['float32_s']:.0f} | {row['tokens'] / row['bf16_s']:.0f} "
-              f"| {row['ratio']:.3f} | {note} |", flush=True)
+    decode_s = timed_alternately({name: decode(name) for name in variants}, args.decode_repeats, lambda: None)
+    rows = []
+    for name in variants:
+        same = sum(torch.equal(a, b) for a, b in zip(outputs["float32"], outputs[name]))
+        rows.append(dict(variant=name, train_tokens=int(batch["attention_mask"].sum()), train_s=train_s[name],
+                         train_ratio=train_s[name] / train_s["float32"], first_loss=losses[name],
+                         decode_new_tokens=len(prompts) * args.new_tokens, decode_s=decode_s[name],
+                         decode_ratio=decode_s[name] / decode_s["float32"],
+                         identical_outputs=f"{same}/{len(prompts)}"))
+        r = rows[-1]
+        print(f"| {name} | {r['train_tokens'] / r['train_s']:.0f} | {r['train_ratio']:.3f} | {r['first_loss']:.4f} "
+              f"| {r['decode_new_tokens'] / r['decode_s']:.1f} | {r['decode_ratio']:.3f} | {r['identical_outputs']} |",
+              flush=True)
     return rows
 
 
@@ -343,7 +361,8 @@ def main(argv=None):
                                                                 "(default: %(default)s)")
     parser.add_argument("--load-repeats", type=int, default=1,
                         help="fresh processes per loader and source (default: %(default)s)")
-    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: train,decode,bf16,load")
+    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: train,decode,bf16,load, "
+                                                "or frozen (the training rows without adapters)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "bench_model.json"),
                         help="the JSON results (default: bench/results/bench_model.json)")
     parser.add_argument("--loss-rtol", type=float, default=None,
@@ -415,10 +434,12 @@ def main(argv=None):
         print("|---|---|---|---|---|---|---|---|")
         results["training"] = bench_training(ours, hf, batches, args, autocast, sync)
     if "bf16" not in skip and device.type == "cpu" and tokenizer is not None:
-        print(f"\nCPU bf16 autocast against float32, ours, KaSA r=8 on q,v; medians of {args.repeats} steps and "
-              f"{args.decode_repeats} decodes; tokens/s (real tokens, new tokens)\n")
-        print("| part | float32 tokens/s | bf16 tokens/s | time bf16 / float32 | notes |")
-        print("|---|---|---|---|---|")
+        print(f"\nCPU bf16 against float32, ours, KaSA r=8 on q,v: training step on the E2E batch (median of "
+              f"{args.repeats}), greedy decoding of {args.bf16_mrs} E2E test MRs × {args.new_tokens} new tokens, "
+              f"batch 1, merged (median of {args.decode_repeats}); times relative to float32\n")
+        print("| precision | train tokens/s | train time | loss at step 0 | decode new tokens/s | decode time "
+              "| greedy outputs as float32 |")
+        print("|---|---|---|---|---|---|---|")
         results["cpu_bf16"] = bench_cpu_bf16(ours, tokenizer, e2e, args)
     if "load" not in skip:
         del ours, hf

@@ -249,6 +249,7 @@ def main(argv=None) -> dict:
     flops_per_token = train_flops_per_token(base, sizes.seq_len)
     input_ids = torch.randint(0, cfg.vocab_size, (sizes.batch_size, sizes.seq_len), device=device)
     targets = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -100)], 1)
+    torch.linalg.svd(torch.randn(8, 8, device=device))  # load the solver (cuSOLVER / LAPACK) before timing KaSA's init
     rows = []
     for method, switches, regularized in METHODS:
         row = bench_method(method, switches, regularized, base, (input_ids, targets), sizes, args, device, amp_dtype)

@@ -351,7 +351,8 @@ def sweep_arg_parser(doc: str, seeds: str = "0,1,2") -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=None,
                         help=f"a folder holding e2e/ and glue/ (default: ${DATA_ENV})")
     helps = {"model": f"the SmolLM2-135M GGUF (default: ${MODEL_ENV})",
-             "e2e_data": "the E2E CSVs (default: DATA_DIR/e2e)", "glue_data": "the GLUE folders (default: DATA_DIR/glue)"}
+             "e2e_data": "the E2E CSVs (default: DATA_DIR/e2e)",
+             "glue_data": "the GLUE folders (default: DATA_DIR/glue)"}
     for f in dataclasses.fields(Budget):
         parser.add_argument("--" + f.name.replace("_", "-"), type=str if f.default is None else type(f.default),
                             default=f.default, help=helps.get(f.name, "(default: %(default)s)"))

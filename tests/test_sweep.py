@@ -128,7 +128,8 @@ def test_run_keys_ignore_where_the_model_and_data_live(tmp_path):
     """A record written with other paths (another checkout, the model moved) is the same run: the
     key hashes paths by their last component, and finished records are keyed from their command."""
     here = sweep.run_flags("e2e", BUDGET, "kasa", seed=0)
-    elsewhere = sweep.Budget(model="/elsewhere/SmolLM2-135M-Instruct.Q4_1.gguf", e2e_data="/srv/e2e", glue_data="/srv/glue")
+    elsewhere = sweep.Budget(model="/elsewhere/SmolLM2-135M-Instruct.Q4_1.gguf", e2e_data="/srv/e2e",
+                             glue_data="/srv/glue")
     assert sweep.run_key(here) == sweep.run_key(sweep.run_flags("e2e", elsewhere, "kasa", seed=0))
     assert sweep.run_key(here) != sweep.run_key(sweep.run_flags("e2e", BUDGET, "kasa", seed=1))
     renamed = sweep.Budget(model="/elsewhere/other.gguf", e2e_data="/srv/e2e", glue_data="/srv/glue")
@@ -171,7 +172,7 @@ def test_sweep_command_lines_report_a_missing_model_as_an_error(tmp_path):
     import subprocess
     env = {k: v for k, v in os.environ.items() if k not in (sweep.MODEL_ENV, sweep.DATA_ENV)}
     for script in ("compare.py", "ablation.py", "e2e_quality.py", "glue_quality.py"):
-        out = subprocess.run([sys.executable, str(REPO / "bench" / script), "--dry-run", "--results-dir", str(tmp_path)],
-                             capture_output=True, text=True, env=env, cwd=tmp_path)
+        out = subprocess.run([sys.executable, str(REPO / "bench" / script), "--dry-run",
+                              "--results-dir", str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path)
         assert out.returncode == 2, (script, out.stderr)
         assert "error: no model: pass --model PATH" in out.stderr and "Traceback" not in out.stderr
