@@ -243,7 +243,7 @@ def bench_cpu_bf16(ours, tokenizer, batch, args):
         return run
     train_s = timed_alternately({name: step(name) for name in variants}, args.repeats, lambda: None)
 
-    for model, _ in variants.values():
+    for model in {id(model): model for model, _ in variants.values()}.values():  # each model once
         kasa.merge_kasa(model)  # the bf16 twin merges into its bf16 weights
     eos_id, _ = data.eos_and_pad_ids(ours.config)
     groups = data.group_references(data.load_e2e_split(data.resolve_e2e_files("original", args.e2e_dir)["test"]))
