@@ -32,6 +32,8 @@ metric against r, one line per method).
 import sweep
 from sweep import Run
 
+import errors
+
 
 COMPONENTS = [  # (row, method, flags): each row adds one KaSA component to the row above it
     ("LoRA", "lora", []),
@@ -125,4 +127,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    errors.run_cli(main)

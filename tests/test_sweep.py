@@ -35,6 +35,7 @@ def make_runs(seeds):
             for seed in seeds for method in ("kasa", "lora")]
 
 
+BUDGET = sweep.Budget(model="models/SmolLM2-135M-Instruct.Q4_1.gguf", e2e_data="data/e2e", glue_data="data/glue")
 BLEU = {"kasa-s0": 0.50, "kasa-s1": 0.60, "kasa-s2": 0.61, "lora-s0": 0.40, "lora-s1": 0.45, "lora-s2": 0.47}
 
 
@@ -104,7 +105,7 @@ def test_every_script_plans_one_run_per_configuration():
     """Scripts asking for the same configuration share its run: the key depends on the flags only."""
     import ablation
     import compare
-    budget, seeds = sweep.Budget(), [0, 1, 2]
+    budget, seeds = BUDGET, [0, 1, 2]
     runs = ablation.build_runs(["e2e", "sst2"], seeds, list(ablation.STUDIES), budget)
     assert len({run.key for run in runs}) == 22 * 2 * 3
     assert all(run.labels["seed"] == 0 for run in runs[:len(runs) // 3])   # seed 0 of everything first
@@ -121,3 +122,57 @@ def test_rank_table_puts_methods_across_and_counts_each_rows_runs():
     assert lines[0] == "| r | " + " | ".join(ablation.RANK_METHODS) + " | runs |"
     assert lines[2] == "| 1 | " + " | ".join(["0.1000"] * 4) + " | 4/12 |"
     assert lines[3] == "| 4 | " + " | ".join(["0.4000"] * 4) + " | 12/12 |"
+
+
+def test_run_keys_ignore_where_the_model_and_data_live(tmp_path):
+    """A record written with other paths (another checkout, the model moved) is the same run: the
+    key hashes paths by their last component, and finished records are keyed from their command."""
+    here = sweep.run_flags("e2e", BUDGET, "kasa", seed=0)
+    elsewhere = sweep.Budget(model="/elsewhere/SmolLM2-135M-Instruct.Q4_1.gguf", e2e_data="/srv/e2e",
+                             glue_data="/srv/glue")
+    assert sweep.run_key(here) == sweep.run_key(sweep.run_flags("e2e", elsewhere, "kasa", seed=0))
+    assert sweep.run_key(here) != sweep.run_key(sweep.run_flags("e2e", BUDGET, "kasa", seed=1))
+    renamed = sweep.Budget(model="/elsewhere/other.gguf", e2e_data="/srv/e2e", glue_data="/srv/glue")
+    assert sweep.run_key(here) != sweep.run_key(sweep.run_flags("e2e", renamed, "kasa", seed=0))
+    # A record as earlier versions wrote it: absolute paths in the command, a key hashed from them.
+    old_flags = sweep.run_flags("e2e", elsewhere, "kasa", seed=0)
+    record = {"key": "0123456789", "name": "e2e-kasa-s0", "metrics": {"BLEU": 0.5}, "seconds": 1.0,
+              "command": sweep.shlex.join(["/usr/bin/python", "/old/checkout/train.py", *old_flags,
+                                           "--out-dir", "bench/results/x/runs/e2e-kasa-s0-0123456789"])}
+    (tmp_path / sweep.RESULTS_FILE).write_text(json.dumps(record) + "\n")
+    runner = FakeRunner(BLEU)
+    results = sweep.run_sweep([Run("e2e-kasa-s0", here, {"seed": 0})], tmp_path, runner=runner)
+    assert runner.calls == [] and results[sweep.run_key(here)]["metrics"] == {"BLEU": 0.5}
+
+
+def test_paths_come_from_flags_or_the_environment_else_a_clear_error(tmp_path, monkeypatch):
+    import errors
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"")
+    (tmp_path / "data" / "e2e").mkdir(parents=True)
+    monkeypatch.delenv(sweep.MODEL_ENV, raising=False)
+    monkeypatch.delenv(sweep.DATA_ENV, raising=False)
+    parse = sweep.sweep_arg_parser("doc").parse_args
+    bare = sweep.budget_from_args(parse([]))
+    with pytest.raises(errors.ConfigError, match="--model PATH.*KASA_SMOLLM2_GGUF"):
+        sweep.run_flags("e2e", bare, "kasa")
+    monkeypatch.setenv(sweep.MODEL_ENV, str(model))
+    with pytest.raises(errors.ConfigError, match="--data-dir DIR.*KASA_DATA_DIR"):
+        sweep.run_flags("e2e", sweep.budget_from_args(parse([])), "kasa")
+    monkeypatch.setenv(sweep.DATA_ENV, str(tmp_path / "data"))
+    budget = sweep.budget_from_args(parse([]))
+    assert (budget.model, budget.e2e_data) == (str(model), str(tmp_path / "data" / "e2e"))
+    assert sweep.budget_from_args(parse(["--e2e-data", str(tmp_path)])).e2e_data == str(tmp_path)
+    with pytest.raises(errors.ConfigError, match="no-such.gguf .*does not exist"):
+        sweep.budget_from_args(parse(["--model", str(tmp_path / "no-such.gguf")]))
+
+
+def test_sweep_command_lines_report_a_missing_model_as_an_error(tmp_path):
+    import os
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k not in (sweep.MODEL_ENV, sweep.DATA_ENV)}
+    for script in ("compare.py", "ablation.py", "e2e_quality.py", "glue_quality.py"):
+        out = subprocess.run([sys.executable, str(REPO / "bench" / script), "--dry-run",
+                              "--results-dir", str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert out.returncode == 2, (script, out.stderr)
+        assert "error: no model: pass --model PATH" in out.stderr and "Traceback" not in out.stderr
