@@ -268,7 +268,7 @@ def greedy_search(model, prompts: list[list[int]], eos_token_id=None, config: Be
         dropped = batch.finish(done, results, lambda s: generated[s, :steps[s]].tolist(), on_done)
         keep = [s for s in range(batch.num_slots) if s not in dropped]
         if dropped:  # no prompt waits for these slots
-            batch.reorder(keep, torch.tensor(keep, device=device), tokens[keep])
+            batch.reorder(keep, torch.tensor(keep, dtype=torch.long, device=device), tokens[keep])
             generated, steps, line_open = generated[keep], steps[keep], line_open[keep]
         started = batch.start([keep.index(s) for s in done if s not in dropped])
         steps[started], line_open[started] = 0, False
