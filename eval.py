@@ -143,7 +143,7 @@ def block_repeated_ngrams(scores, generated, lengths, n: int) -> None:
 
 
 def check_decoding(model, prompts, config: BeamSearchConfig, eos_token_id):
-    """Validate the inputs of a decoder; return its eos ids as a list and as a (V,) bool table."""
+    """Validate the inputs of a decoder; return its eos id(s) as a (V,) bool table."""
     if model.training:
         raise ValueError("decoding needs the model in eval mode (dropout would make it random): "
                          "call model.eval() first")
@@ -156,7 +156,7 @@ def check_decoding(model, prompts, config: BeamSearchConfig, eos_token_id):
     eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     is_eos = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=model.lm_head.weight.device)
     is_eos[eos_ids] = True
-    return eos_ids, is_eos
+    return is_eos
 
 
 class PromptBatch:
@@ -164,7 +164,8 @@ class PromptBatch:
     cache rows (a prompt's beams); when a prompt is done, the next waiting one starts in its rows.
 
     Every row feeds one token per step, at its own position (the KV cache is filled row by row),
-    so each prompt is decoded exactly as it would be alone. A prompt starts with a prefill of all
+    so each prompt is decoded as it would be alone (up to the float rounding of other batch
+    shapes). A prompt starts with a prefill of all
     its tokens but the last in a cache of its own, copied into its rows; its last token goes with
     the next shared step, whose logits are then its first.
     """
@@ -241,7 +242,7 @@ def greedy_search(model, prompts: list[list[int]], eos_token_id=None, config: Be
     prompt i is done. num_beams and length_penalty of `config` play no part.
     """
     cfg = config
-    eos_ids, is_eos = check_decoding(model, prompts, cfg, eos_token_id)
+    is_eos = check_decoding(model, prompts, cfg, eos_token_id)
     if blank_line is not None:
         blank_line.to(is_eos.device)
     batch = PromptBatch(model, prompts, 1, batch_size or len(prompts), cfg.max_new_tokens)
@@ -298,7 +299,7 @@ def beam_search(model, prompts: list[list[int]], eos_token_id=None, config: Beam
     called when prompt i is done.
     """
     cfg, K, V = config, config.num_beams, model.config.vocab_size
-    eos_ids, is_eos = check_decoding(model, prompts, cfg, eos_token_id)
+    is_eos = check_decoding(model, prompts, cfg, eos_token_id)
     if blank_line is not None:
         blank_line.to(is_eos.device)
     batch = PromptBatch(model, prompts, K, batch_size or len(prompts), cfg.max_new_tokens)
