@@ -24,8 +24,9 @@ other jobs keep --threads 1: torch's threads wait on each other whenever one is 
     python bench/bench_decode.py --mrs 48 --repeats 3 --profile
 
 --model defaults to $KASA_SMOLLM2_GGUF, --data-dir to $KASA_DATA_DIR (a folder holding e2e/, or the
-E2E CSVs). Writes bench/results/bench_decode.json. Budget: about 10 minutes with the defaults on a
-busy 2-core CPU.
+E2E CSVs). Writes bench/results/bench_decode.json. Budget, on a 2-core CPU shared with other jobs
+(1 thread): one greedy run of 32 MRs took 90 s (ours) and 170 s (transformers), one beam-10 run of
+16 MRs 130-180 s each, so the defaults take about 40 minutes; --mrs 16 --skip greedy about 12.
 """
 import argparse
 import json
@@ -88,7 +89,7 @@ def transformers_decoder(hf, eos_id: int, pad_id: int, config: E.BeamSearchConfi
 
 
 def timed_alternately(fns: dict, repeats: int) -> tuple[dict, dict]:
-    """Median seconds and last outputs of each fn, calling them in turn `repeats` times."""
+    """Seconds of every run and last outputs of each fn, calling them in turn `repeats` times."""
     times, outputs = {name: [] for name in fns}, {}
     for r in range(repeats):
         for name, fn in fns.items():
@@ -96,7 +97,7 @@ def timed_alternately(fns: dict, repeats: int) -> tuple[dict, dict]:
             outputs[name] = fn()
             times[name].append(time.perf_counter() - start)
             print(f"  round {r + 1}/{repeats}: {name} {times[name][-1]:.1f} s", file=sys.stderr, flush=True)
-    return {name: statistics.median(t) for name, t in times.items()}, outputs
+    return times, outputs
 
 
 def profile_beam_search(ours, prompts, eos_id, config, batch_size) -> list[dict]:
@@ -175,7 +176,8 @@ def main(argv=None):
         warm = E.BeamSearchConfig(num_beams=beams, max_new_tokens=4)
         search(ours, prompts[:2], eos_id, warm, None, 2)
         transformers_decoder(hf, eos_id, pad_id, warm, 2)(prompts[:2])
-        t, out = timed_alternately(fns, args.repeats)
+        runs, out = timed_alternately(fns, args.repeats)
+        t = {name: statistics.median(seconds) for name, seconds in runs.items()}
         same = sum(a == b for a, b in zip(out["ours"], out["transformers"]))
         mean_new = statistics.mean(len(o) for o in out["ours"])
         label = "greedy" if beams == 1 else f"beam-{beams}"
@@ -183,7 +185,7 @@ def main(argv=None):
               f"| {same}/{len(prompts)} | {mean_new:.1f} |", flush=True)
         results["decoders"][label] = dict(ours_s=t["ours"], transformers_s=t["transformers"],
                                           ratio=t["ours"] / t["transformers"], same_outputs=same,
-                                          mean_new_tokens=mean_new)
+                                          mean_new_tokens=mean_new, runs_s=runs)
     if args.profile:
         config = E.BeamSearchConfig(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
         results["beam_profile"] = profile_beam_search(ours, prompts, eos_id, config, args.batch_size)
