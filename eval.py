@@ -34,7 +34,7 @@ from plots import write_plots
 
 
 # =============================================================================
-# Generation: batched beam search with a KV cache
+# Generation: batched beam search (and greedy decoding) with a KV cache
 # =============================================================================
 #
 # The LoRA paper decodes E2E with beam search (10 beams, length penalty 0.9, no repeated 4-grams,
@@ -52,6 +52,11 @@ from plots import write_plots
 #      the current length, is no better than the worst of them (transformers' early_stopping=False
 #      heuristic). At max_new_tokens every pair ends. The answer is the best finished hypothesis.
 #
+# With num_beams=1, `generate_texts` decodes greedily instead (transformers' num_beams=1): one row
+# per prompt, the most likely allowed token, until it ends the text. Both decoders share the two
+# rules, the n-gram ban and the end of text, and keep the batch full: a prompt that is done hands
+# its rows to the next waiting one (`PromptBatch`), so late steps do not run nearly empty.
+#
 # One deliberate difference: a repeated n-gram is looked for in the continuation only, as the LoRA
 # and fairseq decoders do. transformers also looks in the prompt, which on E2E forbids copying a
 # 4-token slot value from the MR (" Crowne Plaza Hotel", " 5 out of 5"): 92% of the test set's
@@ -61,7 +66,7 @@ from plots import write_plots
 @dataclass(frozen=True)
 class BeamSearchConfig:
     """Decoding settings; the defaults are the LoRA paper's E2E setting."""
-    num_beams: int = 10
+    num_beams: int = 10  # 1: greedy decoding
     max_new_tokens: int = 64
     length_penalty: float = 0.9  # finished score = sum of log-probs / new_tokens ** length_penalty
     no_repeat_ngram_size: int = 4  # 0: allow repeats
@@ -111,129 +116,275 @@ class BlankLineStop:
         return self.opens[tokens] | (line_open & self.blank[tokens])
 
 
-def block_repeated_ngrams(log_probs, generated, n: int) -> None:
+def ending_tokens(is_eos, blank_line, line_open, at_limit):
+    """(R, V): which next token ends each row's text: eos, a blank line, or any token at the length
+    limit (at_limit (R,) bool: the row's next token is its max_new_tokens-th)."""
+    ends = is_eos | at_limit[:, None]
+    return ends | blank_line.ending_tokens(line_open) if blank_line is not None else ends
+
+
+def block_repeated_ngrams(scores, generated, lengths, n: int) -> None:
     """Set to -inf, in place, every token that would repeat an n-gram of its row's continuation.
 
-    log_probs (R, V); generated (R, L) holds each row's tokens so far. The n-grams seen are
-    generated[i : i + n] for i = 0 .. L - n; a token is banned where its row's last n - 1 tokens
-    equal the first n - 1 of a seen n-gram, and it equals that n-gram's last token.
+    scores (R, V); generated (R, L) holds each row's tokens, lengths (R,) how many so far. The
+    n-grams seen are generated[r, i : i + n] for i = 0 .. lengths[r] - n; a token is banned where
+    its row's last n - 1 tokens equal the first n - 1 of a seen n-gram, and it equals that n-gram's
+    last token. No host sync: the bans are a scatter of min(score, -inf or +inf).
     """
-    L = generated.shape[1]
+    R, L = generated.shape
     if n <= 0 or L < n:
         return
-    seen = L - n + 1  # number of complete n-grams so far
-    matches = torch.ones(generated.shape[0], seen, dtype=torch.bool, device=generated.device)
+    starts = torch.arange(L - n + 1, device=generated.device)
+    matches = starts <= (lengths[:, None] - n)  # (R, L - n + 1): the complete n-grams so far
     for j in range(n - 1):  # prefix token j of every seen n-gram vs token j of the current suffix
-        matches &= generated[:, j:j + seen] == generated[:, seen + j:seen + j + 1]
-    rows, starts = matches.nonzero(as_tuple=True)
-    log_probs[rows, generated[rows, starts + n - 1]] = -math.inf
+        suffix_j = generated.gather(1, (lengths - n + 1 + j).clamp(min=0)[:, None])
+        matches &= generated[:, j:j + L - n + 1] == suffix_j
+    bans = torch.where(matches, -math.inf, math.inf).to(scores.dtype)
+    scores.scatter_reduce_(1, generated[:, n - 1:], bans, reduce="amin")
+
+
+def check_decoding(model, prompts, config: BeamSearchConfig, eos_token_id):
+    """Validate the inputs of a decoder; return its eos id(s) as a (V,) bool table."""
+    if model.training:
+        raise ValueError("decoding needs the model in eval mode (dropout would make it random): "
+                         "call model.eval() first")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("decoding needs a non-empty list of non-empty prompts")
+    width = max(len(p) for p in prompts)
+    if model.pos_emb is not None and width + config.max_new_tokens > model.config.max_position:
+        raise ValueError(f"a prompt of {width} tokens + max_new_tokens={config.max_new_tokens} exceeds the "
+                         f"model's {model.config.max_position} positions; shorten the prompt or lower max_new_tokens")
+    eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    is_eos = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=model.lm_head.weight.device)
+    is_eos[eos_ids] = True
+    return is_eos
+
+
+class PromptBatch:
+    """Continuous batching: up to `max_prompts` prompts in flight in slots of `rows_per_prompt`
+    cache rows (a prompt's beams); when a prompt is done, the next waiting one starts in its rows.
+
+    Every row feeds one token per step, at its own position (the KV cache is filled row by row),
+    so each prompt is decoded as it would be alone (up to the float rounding of other batch
+    shapes). A prompt starts with a prefill of all
+    its tokens but the last in a cache of its own, copied into its rows; its last token goes with
+    the next shared step, whose logits are then its first.
+    """
+
+    def __init__(self, model, prompts, rows_per_prompt: int, max_prompts: int, max_new_tokens: int):
+        self.model, self.prompts, self.K = model, prompts, rows_per_prompt
+        self.device = model.lm_head.weight.device
+        self.waiting = list(range(len(prompts)))[::-1]  # pop() gives the next prompt
+        slots = min(max_prompts, len(prompts))
+        self.cache = model.new_cache(slots * self.K, max(len(p) for p in prompts) + max_new_tokens)
+        self.prompt_ids = [-1] * slots  # which prompt each slot holds
+        self.prefilled = [0] * slots  # its prefilled length: cache positions its rows all share
+        self.tokens = torch.zeros(slots * self.K, dtype=torch.long, device=self.device)  # each row's next input
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.prompt_ids)
+
+    def rows(self, slots) -> torch.Tensor:
+        """The cache rows of `slots`, slot-major."""
+        return (torch.as_tensor(slots, dtype=torch.long, device=self.device)[:, None] * self.K
+                + torch.arange(self.K, device=self.device)).flatten()
+
+    def step(self):
+        """(rows, d_model): the final hidden state after each row's next token."""
+        return self.model.hidden_states(self.tokens[:, None], cache=self.cache)[:, -1]
+
+    def start(self, slots: list[int]) -> list[int]:
+        """Start the next waiting prompts in free `slots`, as many as are waiting; return the slots started."""
+        slots = slots[:len(self.waiting)]
+        if not slots:
+            return slots
+        new = [self.waiting.pop() for _ in slots]
+        heads = [self.prompts[i][:-1] for i in new]
+        width = max(len(h) for h in heads)
+        prefill = None
+        if width:  # right padding: under causal attention a prompt never sees the padding after it
+            prefill = self.model.new_cache(len(new), width)
+            self.model.hidden_states(torch.tensor([h + [0] * (width - len(h)) for h in heads], device=self.device),
+                                     cache=prefill)
+        rows, each = self.rows(slots), torch.arange(len(new), device=self.device).repeat_interleave(self.K)
+        self.cache.start_rows(rows, torch.tensor([len(h) for h in heads], device=self.device)[each], prefill, each)
+        self.tokens[rows] = torch.tensor([self.prompts[i][-1] for i in new], device=self.device)[each]
+        for slot, i, head in zip(slots, new, heads):
+            self.prompt_ids[slot], self.prefilled[slot] = i, len(head)
+        return slots
+
+    def finish(self, done: list[int], results: list, answer, on_done) -> list[int]:
+        """results[prompt] = answer(slot) for every `done` slot; return those of them that no waiting
+        prompt will take (to drop), the last ones."""
+        for slot in done:
+            results[self.prompt_ids[slot]] = answer(slot)
+            if on_done is not None:
+                on_done(self.prompt_ids[slot])
+        return done[len(self.waiting):]
+
+    def reorder(self, keep: list[int], rows, tokens) -> None:
+        """Keep slots `keep`, in order; cache row i takes over row rows[i] (its parent beam's) and
+        feeds tokens[i] next."""
+        self.prompt_ids = [self.prompt_ids[s] for s in keep]
+        self.prefilled = [self.prefilled[s] for s in keep]
+        self.cache.reorder(rows, start=min(self.prefilled, default=0))
+        self.tokens = tokens
+
+
+@torch.inference_mode()
+def greedy_search(model, prompts: list[list[int]], eos_token_id=None, config: BeamSearchConfig = BeamSearchConfig(),
+                  blank_line: BlankLineStop | None = None, batch_size: int | None = None,
+                  on_done=None) -> list[list[int]]:
+    """Greedy decoding of every prompt (token id lists): at each step the most likely token that
+    the n-gram rule allows, until the text ends. Returns each continuation, eos left out.
+
+    batch_size prompts (default: all) are decoded at once, one row each; on_done(i) is called when
+    prompt i is done. num_beams and length_penalty of `config` play no part.
+    """
+    cfg = config
+    is_eos = check_decoding(model, prompts, cfg, eos_token_id)
+    if blank_line is not None:
+        blank_line.to(is_eos.device)
+    batch = PromptBatch(model, prompts, 1, batch_size or len(prompts), cfg.max_new_tokens)
+    S, device = batch.num_slots, is_eos.device
+    generated = torch.zeros(S, cfg.max_new_tokens, dtype=torch.long, device=device)
+    steps = torch.zeros(S, dtype=torch.long, device=device)  # tokens generated so far
+    line_open = torch.zeros(S, dtype=torch.bool, device=device)
+    results = [None] * len(prompts)
+    batch.start(list(range(S)))
+    while batch.num_slots:
+        logits = model.lm_head(batch.step()).float()
+        block_repeated_ngrams(logits, generated, steps, cfg.no_repeat_ngram_size)
+        tokens = logits.argmax(-1)
+        rows = torch.arange(len(tokens), device=device)
+        ends = ending_tokens(is_eos, blank_line, line_open, steps == cfg.max_new_tokens - 1)[rows, tokens]
+        generated[rows, steps] = tokens
+        steps += (~is_eos[tokens]).long()  # an eos is not part of the answer
+        if blank_line is not None:
+            line_open = blank_line.advance(line_open, tokens)
+        batch.tokens = tokens
+        done = ends.nonzero().flatten().tolist()  # the one host sync of a step
+        if not done:
+            continue
+        dropped = batch.finish(done, results, lambda s: generated[s, :steps[s]].tolist(), on_done)
+        keep = [s for s in range(batch.num_slots) if s not in dropped]
+        if dropped:  # no prompt waits for these slots
+            batch.reorder(keep, torch.tensor(keep, dtype=torch.long, device=device), tokens[keep])
+            generated, steps, line_open = generated[keep], steps[keep], line_open[keep]
+        started = batch.start([keep.index(s) for s in done if s not in dropped])
+        steps[started], line_open[started] = 0, False
+    return results
+
+
+def top_pairs(running, logits, log_norm, K: int):
+    """The K best (beam, token) pairs of every prompt by s_b + log p(t | b) (steps 1-3), as
+    (scores, parent beams, tokens), each (prompts, K). A prompt's K best pairs are among the K best
+    tokens of each of its beams, so only those K*K pairs are ranked, not K*V.
+    running (prompts, K); logits (prompts*K, V), whose log-probs are logits - log_norm."""
+    values, tokens = logits.topk(K, dim=-1)
+    scores = (running.reshape(-1, 1) + (values - log_norm)).view(-1, K * K)
+    scores, pairs = scores.topk(K, dim=1)
+    return scores, pairs // K, tokens.view(-1, K * K).gather(1, pairs)
 
 
 @torch.inference_mode()
 def beam_search(model, prompts: list[list[int]], eos_token_id=None, config: BeamSearchConfig = BeamSearchConfig(),
-                blank_line: BlankLineStop | None = None) -> list[list[int]]:
-    """Beam-search all `prompts` (token id lists) as one batch; return each one's best continuation.
+                blank_line: BlankLineStop | None = None, batch_size: int | None = None,
+                on_done=None) -> list[list[int]]:
+    """Beam-search every prompt (token id lists); return each one's best continuation.
 
     eos_token_id: an id or a list of ids that end a hypothesis; they are left out of the result.
     blank_line: also end a hypothesis when its text completes a blank line (that token is kept).
-    The batch holds len(prompts) * num_beams rows; `generate_texts` splits many prompts into batches.
+    batch_size prompts (default: all) are searched at once, num_beams rows each; on_done(i) is
+    called when prompt i is done.
     """
-    if model.training:
-        raise ValueError("beam_search needs the model in eval mode (dropout would make decoding random): "
-                         "call model.eval() first")
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("beam_search needs a non-empty list of non-empty prompts")
     cfg, K, V = config, config.num_beams, model.config.vocab_size
-    width = max(len(p) for p in prompts)
-    if model.pos_emb is not None and width + cfg.max_new_tokens > model.config.max_position:
-        raise ValueError(f"a prompt of {width} tokens + max_new_tokens={cfg.max_new_tokens} exceeds the model's "
-                         f"{model.config.max_position} positions; shorten the prompt or lower max_new_tokens")
-    device = model.lm_head.weight.device
-    eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    is_eos = torch.zeros(V, dtype=torch.bool, device=device)
-    is_eos[eos_ids] = True
+    is_eos = check_decoding(model, prompts, cfg, eos_token_id)
     if blank_line is not None:
-        blank_line.to(device)
+        blank_line.to(is_eos.device)
+    batch = PromptBatch(model, prompts, K, batch_size or len(prompts), cfg.max_new_tokens)
+    S, device = batch.num_slots, is_eos.device
+    running = torch.full((S, K), -math.inf, device=device)  # s_b of every running beam
+    finished = torch.full((S, K), -math.inf, device=device)  # the K best finished scores, best first
+    steps = torch.zeros(S, dtype=torch.long, device=device)  # tokens generated so far
+    generated = torch.zeros(S * K, cfg.max_new_tokens, dtype=torch.long, device=device)
+    line_open = torch.zeros(S * K, dtype=torch.bool, device=device)
+    best = torch.zeros(S, cfg.max_new_tokens, dtype=torch.long, device=device)  # the best finished hypothesis
+    best_length = torch.zeros(S, dtype=torch.long, device=device)
+    results = [None] * len(prompts)
 
-    # Prefill: left-pad the prompts (positions come from the mask), run them once, and give each
-    # prompt's K beams a copy of its cache. Rows are prompt-major: row = prompt * K + beam.
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    cache = model.new_cache(len(prompts), width + cfg.max_new_tokens)
-    hidden = model.hidden_states(ids, attention_mask=mask, cache=cache)[:, -1].repeat_interleave(K, 0)
-    cache.expand(K)
-    mask = mask.repeat_interleave(K, 0)
+    def restart(slots):
+        running[slots] = -math.inf
+        running[slots, 0] = 0.0  # the K copies are identical: only one may spawn continuations at first
+        finished[slots], steps[slots], line_open[batch.rows(slots)] = -math.inf, 0, False
 
-    prompt_ids = torch.arange(len(prompts), device=device)  # the prompts still searched, in row order
-    running = torch.full((len(prompts), K), -math.inf, device=device)
-    running[:, 0] = 0.0  # the K copies are identical: only one may spawn continuations at first
-    generated = torch.zeros(len(prompts) * K, cfg.max_new_tokens, dtype=torch.long, device=device)
-    line_open = torch.zeros(len(prompts) * K, dtype=torch.bool, device=device)
-    finished = torch.full((len(prompts), K), -math.inf, device=device)  # the K best finished scores
-    best = [[] for _ in prompts]  # tokens of each prompt's best finished hypothesis
-    for step in range(cfg.max_new_tokens):
-        n_prompts = len(prompt_ids)
-        log_probs = F.log_softmax(model.lm_head(hidden).float(), dim=-1)  # (rows, V), fp32 sums
-        block_repeated_ngrams(log_probs, generated[:, :step], cfg.no_repeat_ngram_size)
-        scores = (running[:, :, None] + log_probs.view(n_prompts, K, V)).view(n_prompts, K * V)
-        if step == cfg.max_new_tokens - 1:  # at the length limit every pair ends
-            ends = torch.ones_like(scores, dtype=torch.bool)
-        else:
-            ends = is_eos.expand(n_prompts * K, V)
-            if blank_line is not None:
-                ends = ends | blank_line.ending_tokens(line_open)
-            ends = ends.reshape(n_prompts, K * V)
+    restart(batch.start(list(range(S))))
+    while batch.num_slots:
+        n = batch.num_slots
+        slot_rows = torch.arange(n, device=device)[:, None] * K
+        logits = model.lm_head(batch.step()).float()  # (n * K, V), fp32 sums
+        log_norm = logits.logsumexp(-1, keepdim=True)  # of the model's distribution, before the ban
+        block_repeated_ngrams(logits, generated, steps.repeat_interleave(K), cfg.no_repeat_ngram_size)
+        ends = ending_tokens(is_eos, blank_line, line_open, (steps == cfg.max_new_tokens - 1).repeat_interleave(K))
 
         # Finished hypotheses: the pairs among the K best that end here (step 2).
-        top_scores, top_pairs = scores.topk(K, dim=1)
-        new_length = step + 1
-        candidates = torch.where(ends.gather(1, top_pairs), top_scores / new_length ** cfg.length_penalty, -math.inf)
+        top_scores, top_parents, top_tokens = top_pairs(running, logits, log_norm, K)
+        length_norm = (steps + 1)[:, None].float() ** cfg.length_penalty
+        candidates = torch.where(ends[slot_rows + top_parents, top_tokens], top_scores / length_norm, -math.inf)
         improves = candidates.max(1).values > finished[:, 0]
         finished = torch.cat([finished, candidates], 1).topk(K, dim=1).values
-        for p in improves.nonzero().flatten().tolist():
-            pair = top_pairs[p, candidates[p].argmax()].item()
-            parent, token = p * K + pair // V, pair % V
-            best[prompt_ids[p].item()] = generated[parent, :step].tolist() + ([] if token in eos_ids else [token])
-        if step == cfg.max_new_tokens - 1:
-            break
+        pick = candidates.argmax(1, keepdim=True)
+        token = top_tokens.gather(1, pick)[:, 0]
+        hypothesis = generated[(slot_rows + top_parents.gather(1, pick))[:, 0]]
+        hypothesis[torch.arange(n, device=device), steps] = token
+        best = torch.where(improves[:, None], hypothesis, best)
+        best_length = torch.where(improves, steps + (~is_eos[token]).long(), best_length)
 
-        # Running beams: the K best pairs that do not end (step 3); then drop the done prompts (step 4).
-        running, pairs = scores.masked_fill(ends, -math.inf).topk(K, dim=1)
-        done = finished[:, -1] >= running[:, 0] / new_length ** cfg.length_penalty  # -inf while not K finished
-        keep = (~done).nonzero().flatten()
-        if len(keep) == 0:
-            break
-        prompt_ids, running, finished, pairs = prompt_ids[keep], running[keep], finished[keep], pairs[keep]
-        rows = (keep[:, None] * K + pairs // V).flatten()
-        tokens = (pairs % V).flatten()
-        cache.reorder(rows)
-        mask = torch.cat([mask[rows], mask.new_ones(len(rows), 1)], dim=1)
+        # Running beams: the K best pairs that do not end (step 3); a prompt is done by step 4.
+        running, parents, tokens = top_pairs(running, logits.masked_fill_(ends, -math.inf), log_norm, K)
+        done = (finished[:, -1] >= running[:, 0] / length_norm[:, 0]) | (steps == cfg.max_new_tokens - 1)
+        rows, tokens = (slot_rows + parents).flatten(), tokens.flatten()
         generated = generated[rows]
-        generated[:, step] = tokens
+        generated[torch.arange(n * K, device=device), steps.repeat_interleave(K)] = tokens
         if blank_line is not None:
             line_open = blank_line.advance(line_open[rows], tokens)
-        hidden = model.hidden_states(tokens[:, None], attention_mask=mask, cache=cache)[:, -1]
-    return best
+        steps += 1
+        done = done.nonzero().flatten().tolist()  # the one host sync of a step
+        dropped = batch.finish(done, results, lambda s: best[s, :best_length[s]].tolist(), on_done)
+        keep = [s for s in range(n) if s not in dropped]
+        if dropped:  # no prompt waits for these slots
+            rows, kept_rows = rows.view(n, K)[keep].flatten(), batch.rows(keep)
+            running, finished, steps, best, best_length = (t[keep] for t in (running, finished, steps, best, best_length))
+            generated, line_open, tokens = generated[kept_rows], line_open[kept_rows], tokens[kept_rows]
+        batch.reorder(keep, rows, tokens)  # each beam's cache rows follow its parent
+        restart(batch.start([keep.index(s) for s in done if s not in dropped]))
+    return results
 
 
 def generate_texts(model, tokenizer, prompts: list[list[int]], eos_token_id=None,
                    config: BeamSearchConfig = BeamSearchConfig(), batch_size: int = 8,
                    stop_at_blank_line: bool = True) -> list[str]:
-    """Beam-search every prompt, `batch_size` prompts at a time, and return the decoded continuations,
-    each cut at its first blank line and stripped. Prompts of similar length share a batch (less
-    padding); the results come back in the prompts' order. Progress and ETA go to stderr."""
+    """Decode every prompt (beam search, or greedy with num_beams=1), `batch_size` prompts in flight,
+    and return the decoded continuations, each cut at its first blank line and stripped. Prompts
+    start shortest first; the results come back in the prompts' order. Progress and ETA go to stderr."""
     blank_line = BlankLineStop(tokenizer, model.config.vocab_size) if stop_at_blank_line else None
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    start, done = time.time(), 0
+
+    def progress(_):
+        nonlocal done
+        done += 1
+        if done % batch_size == 0 or done == len(prompts):
+            rate = done / (time.time() - start)
+            eta = timedelta(seconds=round((len(prompts) - done) / rate))
+            print(f"decoded {done}/{len(prompts)} prompts | {rate:.2f} prompts/s | ETA {eta}", file=sys.stderr, flush=True)
+
+    decode = greedy_search if config.num_beams == 1 else beam_search
+    tokens = decode(model, [prompts[i] for i in order], eos_token_id, config, blank_line, batch_size, progress)
     texts = [""] * len(prompts)
-    start = time.time()
-    for first in range(0, len(order), batch_size):
-        batch = order[first:first + batch_size]
-        for i, ids in zip(batch, beam_search(model, [prompts[i] for i in batch], eos_token_id, config, blank_line)):
-            texts[i] = BLANK_LINE.split(tokenizer.decode(ids), maxsplit=1)[0].strip()
-        done = first + len(batch)
-        rate = done / (time.time() - start)
-        eta = timedelta(seconds=round((len(prompts) - done) / rate))
-        print(f"decoded {done}/{len(prompts)} prompts | {rate:.2f} prompts/s | ETA {eta}", file=sys.stderr, flush=True)
+    for i, ids in zip(order, tokens):
+        texts[i] = BLANK_LINE.split(tokenizer.decode(ids), maxsplit=1)[0].strip()
     return texts
 
 

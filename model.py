@@ -129,12 +129,19 @@ def apply_rope(x, cos, sin):
 class KVCache:
     """Preallocated keys/values for incremental decoding.
 
-    k[layer], v[layer]: (batch, n_kv_head, max_len, head_dim); `length` positions are filled.
-    Every layer writes its new keys/values at [length, length + T) and the model advances
-    `length` by T after the last layer, so one forward call appends T positions.
+    k[layer], v[layer]: (batch, n_kv_head, max_len, head_dim). Filled in one of two ways:
 
-    The caller owns the attention mask: pass attention_mask of shape (B, length + T) with 1 for
-    real tokens and 0 for padding (left padding is the usual choice for batched prompts).
+    Together: `length` positions of every row are filled. Every layer writes its new keys/values
+    at [length, length + T) and the model advances `length` by T after the last layer, so one
+    forward call appends T positions. The caller owns the attention mask: pass attention_mask of
+    shape (B, length + T) with 1 for real tokens and 0 for padding (left padding is the usual choice
+    for batched prompts).
+
+    Row by row (continuous batching: a row whose text is done takes the next prompt): once
+    `start_rows` has given some rows a new sequence, each row b has its own `row_lengths[b]`; a
+    forward call appends each row's T new tokens at its own positions [row_lengths[b], + T), the
+    model numbers them from there and masks every key past a row's own length (no attention_mask:
+    such rows hold no padding). `length` is then the longest row, the keys the attention reads.
 
     Beam search: `expand(n)` repeats every row n times (row b -> rows b*n .. b*n+n-1, like
     repeat_interleave), and `reorder(index)` keeps rows `index` (index_select along batch),
@@ -146,10 +153,17 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.length = 0
+        self.row_lengths: torch.Tensor | None = None  # (B,) long, once filled row by row
+        self._scratch = None  # one layer's buffer for in-place reorders, made on first use
 
     @property
     def max_len(self) -> int:
         return self.k[0].shape[2]
+
+    def positions(self, T: int) -> torch.Tensor:
+        """(B, T): the position each row's next T tokens take."""
+        start = self.row_lengths[:, None] if self.row_lengths is not None else self.length
+        return start + torch.arange(T, device=self.k[0].device)
 
     def update(self, layer: int, k, v):
         """Store new k/v (B, n_kv_head, T, head_dim) for `layer`; return all keys/values so far."""
@@ -157,18 +171,63 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len={self.max_len}; "
                              "create the cache with a larger max_len")
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
+        if self.row_lengths is None:
+            self.k[layer][:, :, self.length:end] = k
+            self.v[layer][:, :, self.length:end] = v
+        else:  # row b's token t goes to position row_lengths[b] + t
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            positions = self.positions(k.shape[2])
+            self.k[layer][rows, :, positions] = k.transpose(1, 2)
+            self.v[layer][rows, :, positions] = v.transpose(1, 2)
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def reorder(self, index: torch.Tensor) -> "KVCache":
-        self.k = [k.index_select(0, index) for k in self.k]
-        self.v = [v.index_select(0, index) for v in self.v]
+    def advance(self, T: int) -> None:
+        """T new positions of every row are written (the model calls this after its last layer)."""
+        self.length += T
+        if self.row_lengths is not None:
+            self.row_lengths += T
+
+    def start_rows(self, rows, lengths, source: "KVCache | None" = None, source_rows=None) -> "KVCache":
+        """Give each row rows[i] a new sequence of lengths[i] positions, copied from row source_rows[i]
+        of `source` (a cache of the same model, e.g. the prefill of a new prompt); lengths of 0 need
+        no source. From then on the cache is filled row by row (see the class docstring)."""
+        if self.row_lengths is None:
+            self.row_lengths = torch.full((self.batch_size,), self.length, device=self.k[0].device)
+        rows = torch.as_tensor(rows, device=self.k[0].device)
+        if source is not None and source.length:
+            n, source_rows = source.length, torch.as_tensor(source_rows, device=self.k[0].device)
+            for mine, theirs in zip(self.k + self.v, source.k + source.v):
+                mine[rows, :, :n] = theirs[source_rows, :, :n]  # past a row's length: masked, then overwritten
+        self.row_lengths[rows] = torch.as_tensor(lengths, device=self.k[0].device)
+        self.length = int(self.row_lengths.max())
+        return self
+
+    def reorder(self, index: torch.Tensor, start: int = 0) -> "KVCache":
+        """Keep rows `index`. With as many rows as before it works in place and copies positions
+        [start, length) only: positions before `start` must already be equal in every row and its
+        new parent (the prompt that all beams of a prompt share)."""
+        if self.row_lengths is not None:
+            self.row_lengths = self.row_lengths[index]
+            self.length = int(self.row_lengths.max()) if len(index) else 0
+        if len(index) != self.batch_size:
+            self.k = [k.index_select(0, index) for k in self.k]
+            self.v = [v.index_select(0, index) for v in self.v]
+            self._scratch = None
+            return self
+        if self._scratch is None:
+            self._scratch = torch.empty_like(self.k[0])
+        part = slice(start, self.length)
+        for buffer in self.k + self.v:  # gather into the scratch, copy back: no new allocation per step
+            torch.index_select(buffer[:, :, part], 0, index, out=self._scratch[:, :, part])
+            buffer[:, :, part] = self._scratch[:, :, part]
         return self
 
     def expand(self, n: int) -> "KVCache":
         self.k = [k.repeat_interleave(n, dim=0) for k in self.k]
         self.v = [v.repeat_interleave(n, dim=0) for v in self.v]
+        if self.row_lengths is not None:
+            self.row_lengths = self.row_lengths.repeat_interleave(n)
+        self._scratch = None
         return self
 
 
@@ -277,17 +336,21 @@ class Transformer(nn.Module):
         return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, cfg.head_dim, max_len,
                        dtype or ref.dtype, device or ref.device)
 
-    def _attention_mask(self, attention_mask, T, past, device):
-        """Boolean (B or 1, 1, T, past+T) mask of allowed keys, or None when SDPA's is_causal suffices."""
+    def _attention_mask(self, attention_mask, T, past, device, row_positions=None):
+        """Boolean (B or 1, 1, T, past+T) mask of allowed keys, or None when SDPA's is_causal suffices.
+        row_positions (B, T): each query's own position, for a cache filled row by row."""
         S = past + T
         window = self.config.sliding_window
         windowed = window is not None and S > window
-        if attention_mask is None and (past == 0 or T == 1) and not windowed:
+        if attention_mask is None and row_positions is None and (past == 0 or T == 1) and not windowed:
             return None
         if attention_mask is not None and attention_mask.shape[-1] != S:
             raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected "
                              f"cached + new = {past} + {T} = {S}")
-        q_pos = torch.arange(past, S, device=device)[:, None]
+        if row_positions is None:
+            q_pos = torch.arange(past, S, device=device)[:, None]
+        else:  # (B, 1, T, 1): a row's keys past its own position are another sequence's, or empty
+            q_pos = row_positions[:, None, :, None]
         k_pos = torch.arange(S, device=device)[None, :]
         allowed = k_pos <= q_pos
         if windowed:
@@ -303,16 +366,22 @@ class Transformer(nn.Module):
 
         attention_mask: (B, cached + T) of 1 = token, 0 = padding. position_ids: (B, T); if None they
         are cumsum(attention_mask) - 1 (so left padding does not shift positions), or simply
-        cached .. cached + T - 1 without a mask.
+        cached .. cached + T - 1 without a mask. A cache filled row by row sets both itself.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
-        if position_ids is None:
+        by_row = cache is not None and cache.row_lengths is not None
+        if by_row and (attention_mask is not None or position_ids is not None):
+            raise ValueError("a KV cache filled row by row (start_rows) sets the mask and positions itself: "
+                             "pass no attention_mask or position_ids")
+        if by_row:
+            position_ids = cache.positions(T)
+        elif position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        mask = self._attention_mask(attention_mask, T, past, input_ids.device)
+        mask = self._attention_mask(attention_mask, T, past, input_ids.device, position_ids if by_row else None)
         is_causal = mask is None and past == 0 and T > 1
         x = self.tok_emb(input_ids)
         if self.pos_emb is not None:
@@ -322,7 +391,7 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block(x, rope, mask, is_causal, cache)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         return self.norm_f(x)
 
     def forward(self, input_ids, targets=None, attention_mask=None, position_ids=None, cache=None,
