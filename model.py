@@ -157,6 +157,10 @@ class KVCache:
         self._scratch = None  # one layer's buffer for in-place reorders, made on first use
 
     @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
     def max_len(self) -> int:
         return self.k[0].shape[2]
 
@@ -177,8 +181,9 @@ class KVCache:
         else:  # row b's token t goes to position row_lengths[b] + t
             rows = torch.arange(k.shape[0], device=k.device)[:, None]
             positions = self.positions(k.shape[2])
-            self.k[layer][rows, :, positions] = k.transpose(1, 2)
-            self.v[layer][rows, :, positions] = v.transpose(1, 2)
+            dtype = self.k[layer].dtype  # under autocast k, v can be bf16 in a float32 cache
+            self.k[layer][rows, :, positions] = k.transpose(1, 2).to(dtype)
+            self.v[layer][rows, :, positions] = v.transpose(1, 2).to(dtype)
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def advance(self, T: int) -> None:
