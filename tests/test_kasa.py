@@ -318,3 +318,92 @@ def test_switched_off_adapter_round_trips_through_safetensors(tmp_path):
     x = torch.randn(3, 24)
     assert torch.equal(fresh(x), model(x))
     assert not fresh.q_proj.kasa_sigma.requires_grad and fresh.q_proj.kasa_A.requires_grad
+
+
+# ----------------------------------------------------------------------------- errors: all or nothing
+
+def snapshot(model):
+    """Every module's type and every tensor (parameters and buffers) with its requires_grad."""
+    return ({name: type(m) for name, m in model.named_modules()},
+            {name: (t.detach().clone(), t.requires_grad) for name, t in model.state_dict(keep_vars=True).items()})
+
+
+def assert_unchanged(model, before):
+    types, tensors = snapshot(model)
+    assert types == before[0]
+    assert tensors.keys() == before[1].keys()
+    for name, (tensor, grad) in tensors.items():
+        assert torch.equal(tensor, before[1][name][0]) and grad == before[1][name][1], name
+
+
+def test_apply_kasa_is_all_or_nothing():
+    model = nn.Sequential()
+    model.add_module("a_proj", nn.Linear(32, 32))
+    model.add_module("b_proj", nn.Linear(32, 4))               # k = 4: too small for r = 4
+    before = snapshot(model)
+    with pytest.raises(kasa.KaSAError, match=r"b_proj: r=4 must satisfy 1 <= r < min\(out, in\) = 4.*smaller r"):
+        kasa.apply_kasa(model, targets=("a_proj", "b_proj"), r=4)
+    assert_unchanged(model, before)
+    model.add_module("c_proj", nn.Conv1d(4, 4, 1))
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="c_proj is a Conv1d"):
+        kasa.apply_kasa(model, targets=("a_proj", "c_proj"), r=2)
+    assert_unchanged(model, before)
+
+
+def test_kasa_error_is_a_value_error_with_its_fix():
+    assert issubclass(kasa.KaSAError, ValueError) and "KaSAError" in kasa.__all__
+    with pytest.raises(kasa.KaSAError, match="already merged: call unmerge"):
+        layer = kasa.KaSALinear(nn.Linear(8, 8), r=2)
+        layer.merge()
+        layer.merge()
+    with pytest.raises(kasa.KaSAError, match=r"apply_kasa\(model, targets=\.\.\.\)"):
+        kasa.apply_kasa(TwoProjections(), targets=("c_attn",))
+
+
+@pytest.fixture
+def trained_adapter():
+    torch.manual_seed(3)
+    pretrained = TwoProjections().state_dict()
+    model = TwoProjections()
+    model.load_state_dict(pretrained)
+    kasa.apply_kasa(model, r=4, alpha=8)
+    randomize_adapter(model)
+    return pretrained, kasa.kasa_state_dict(model)
+
+
+def bad_adapters(state):
+    """(name, state dict, message) triples, each broken in v_proj, the later of the two layers."""
+    def changed(key, value):
+        return {**state, key: value}
+    nan_B = state["v_proj.kasa_B"].clone()
+    nan_B[0, 0] = float("nan")
+    return [("one_row_A", changed("v_proj.kasa_A", state["v_proj.kasa_A"][:1].clone()), r"kasa_A has shape \(1, 16\)"),
+            ("wide_US", changed("v_proj.kasa_dropped_US", torch.zeros(32, 5)), "kasa_dropped_US has shape"),
+            ("nan", changed("v_proj.kasa_B", nan_B), "NaN"),
+            ("int_sigma", changed("v_proj.kasa_sigma", torch.ones(4, dtype=torch.int64)), "not floating point")]
+
+
+@pytest.mark.parametrize("adapted", [False, True], ids=["plain", "already_adapted"])
+def test_load_kasa_state_dict_is_all_or_nothing(trained_adapter, adapted):
+    pretrained, state = trained_adapter
+    model = TwoProjections()
+    model.load_state_dict(pretrained)
+    if adapted:
+        kasa.apply_kasa(model, r=2)
+    before = snapshot(model)
+    for label, bad, message in bad_adapters(state):
+        with pytest.raises(kasa.KaSAError, match=message):
+            kasa.load_kasa_state_dict(model, bad)
+        assert_unchanged(model, before)
+    other = TwoProjections()
+    other.load_state_dict(pretrained)
+    with torch.no_grad():
+        other.v_proj.weight.mul_(1.5)                          # only the later layer's base differs
+    if adapted:
+        kasa.apply_kasa(other, r=2)
+    before = snapshot(other)
+    with pytest.raises(kasa.KaSAError, match="v_proj: the base weights differ"):
+        kasa.load_kasa_state_dict(other, state)
+    assert_unchanged(other, before)
+    assert kasa.load_kasa_state_dict(model, state) == ["q_proj", "v_proj"]   # the good one still loads
