@@ -151,13 +151,13 @@ def _gram_solver(M: torch.Tensor):
     return lambda X: torch.cholesky_solve(X, L)
 
 
-def _smallest_by_subspace_iteration(W: torch.Tensor, r: int, max_iter: int = 100):
+def _smallest_by_subspace_iteration(W: torch.Tensor, r: int, rtol: float = 1e-8, max_iter: int = 100):
     """Only the r smallest triplets: inverse subspace iteration on MᵀM with a Rayleigh-Ritz step.
 
     A block of m = 2r + 8 vectors is multiplied by (MᵀM)⁻¹, which amplifies the smallest σ most
     (the error shrinks by (σ_r / σ_{m+1})² per step), re-orthonormalized, and rotated onto the
-    Ritz vectors of MᵀM in its span. It stops when the dropped part W X Xᵀ is within 1e-8 ‖W‖_F
-    of the exact one (below float32's rounding of W), by the sin θ bound ‖R‖_F / (θ_{r+1} − θ_r)
+    Ritz vectors of MᵀM in its span. It stops when the dropped part W X Xᵀ is within rtol ‖W‖_F
+    of the exact one (1e-8: below float32's rounding of W), by the sin θ bound ‖R‖_F / (θ_{r+1} − θ_r)
     on the angle to the exact subspace, R = MᵀM X_r − X_r Θ_r. It returns None (the caller then
     runs the SVD) if that does not happen within max_iter steps or if M is singular: never an
     inexact result. float64 throughout."""
@@ -168,7 +168,7 @@ def _smallest_by_subspace_iteration(W: torch.Tensor, r: int, max_iter: int = 100
         return None
     generator = torch.Generator(device=W.device).manual_seed(20250122)
     X = torch.randn(k, min(k, 2 * r + 8), generator=generator, device=W.device, dtype=W.dtype)
-    target = 1e-8 * W.norm()
+    target = rtol * W.norm()
     for _ in range(max_iter):
         X = torch.linalg.qr(solve(X)).Q                       # inverse iteration, re-orthonormalized
         MX = M @ X
@@ -188,10 +188,14 @@ TRUNCATION_METHODS = {"svd": _smallest_by_svd, "gram": _smallest_by_gram,
 GRAM_MAX = 2048        # k up to which the Gram eigendecomposition beats subspace iteration
 
 
-def default_truncation_method(shape) -> str:
-    """The fastest exact method for a weight of this shape (measured in bench/bench_kasa.py)."""
-    return "gram" if min(shape) <= GRAM_MAX else "subspace"
+def default_truncation_method(shape, dtype=torch.float32) -> str:
+    """The fastest exact method for a weight of this shape (measured in bench/bench_kasa.py).
 
+    A float64 weight gets the SVD: its result must be exact to float64 rounding, which the Gram
+    matrix (it squares W) cannot promise."""
+    if dtype == torch.float64:
+        return "svd"
+    return "gram" if min(shape) <= GRAM_MAX else "subspace"
 
 
 def truncate_minor_components(weight: torch.Tensor, r: int, method: str = None):
@@ -208,9 +212,16 @@ def truncate_minor_components(weight: torch.Tensor, r: int, method: str = None):
     if r == 0:                                                # truncation switched off: W_world = W
         empty = dict(device=W.device, dtype=svd_dtype(weight))
         return W.clone(), torch.zeros(W.shape[0], 0, **empty), torch.zeros(0, W.shape[1], **empty)
-    method = method or default_truncation_method(W.shape)
+    method = method or default_truncation_method(W.shape, W.dtype)
+    if method not in TRUNCATION_METHODS:
+        raise KaSAError(f"unknown truncation method {method!r}: use one of {sorted(TRUNCATION_METHODS)}")
     W64 = W.to(torch.float64)
-    dropped = None if method == "svd" else TRUNCATION_METHODS[method](W64, r)
+    if method == "svd":
+        dropped = None
+    elif method == "subspace":
+        dropped = _smallest_by_subspace_iteration(W64, r, rtol=1e-13 if W.dtype == torch.float64 else 1e-8)
+    else:
+        dropped = TRUNCATION_METHODS[method](W64, r)
     if dropped is None:
         dropped = _smallest_by_svd(W.to(svd_dtype(weight)), r)
     # Factors in float32 (float64 for a float64 W), and W_world from them by the same formula as
@@ -790,6 +801,10 @@ def _self_test():
         assert torch.allclose((W - W_world).norm(), dropped.norm())
         print(f"ok  {name}: rank(W_world) = k - r = {min(W.shape) - 4}, ‖W − W_world‖_F = ‖σ_dropped‖ "
               f"= {dropped.norm():.4f}")
+    W = original["q_proj"].float()
+    worlds = {m: truncate_minor_components(W, 4, m)[0] for m in TRUNCATION_METHODS}
+    assert all(torch.allclose(w, worlds["svd"], atol=1e-5) for w in worlds.values())
+    print(f"ok  the exact truncation paths {sorted(worlds)} agree on W_world (float32)")
     q, v = model.q_proj, model.v_proj
     assert torch.equal(run(model), F.linear(F.linear(x, q.weight, q.bias), v.weight))
     print("ok  at init ΔW = 0: the output equals W_world x + b exactly")
