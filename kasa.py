@@ -121,9 +121,9 @@ def _triplets_from_vectors(W: torch.Tensor, X: torch.Tensor):
 
 
 def _smallest_by_svd(W: torch.Tensor, r: int):
-    """The full SVD W = U diag(S) Vᵀ (S descending), then its last r triplets (§3.1 as written)."""
-    U, S, Vh = torch.linalg.svd(W.to(torch.float32 if W.dtype != torch.float64 else W.dtype),
-                                full_matrices=False)
+    """The full SVD W = U diag(S) Vᵀ (S descending), then its last r triplets (§3.1 as written).
+    In W's dtype: float32 (as PEFT) for float32/bf16/fp16 weights, float64 for float64 ones."""
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     k = S.shape[0]
     return U[:, k - r:] * S[k - r:], Vh[k - r:, :]           # U_r Σ_r (out, r), V_rᵀ (r, in)
 
@@ -151,7 +151,7 @@ def _gram_solver(M: torch.Tensor):
     return lambda X: torch.cholesky_solve(X, L)
 
 
-def _smallest_by_subspace_iteration(W: torch.Tensor, r: int, rtol: float = 1e-8, max_iter: int = 100):
+def _smallest_by_subspace_iteration(W: torch.Tensor, r: int, rtol: float = 1e-8, max_iter: int = 60):
     """Only the r smallest triplets: inverse subspace iteration on MᵀM with a Rayleigh-Ritz step.
 
     A block of m = 2r + 8 vectors is multiplied by (MᵀM)⁻¹, which amplifies the smallest σ most
@@ -159,8 +159,8 @@ def _smallest_by_subspace_iteration(W: torch.Tensor, r: int, rtol: float = 1e-8,
     Ritz vectors of MᵀM in its span. It stops when the dropped part W X Xᵀ is within rtol ‖W‖_F
     of the exact one (1e-8: below float32's rounding of W), by the sin θ bound ‖R‖_F / (θ_{r+1} − θ_r)
     on the angle to the exact subspace, R = MᵀM X_r − X_r Θ_r. It returns None (the caller then
-    runs the SVD) if that does not happen within max_iter steps or if M is singular: never an
-    inexact result. float64 throughout."""
+    runs the SVD) if M is singular, or if that bound, extrapolated at its current rate of decrease,
+    would not be met within max_iter steps: never an inexact result. float64 throughout."""
     M = _vectors_space(W)
     k = M.shape[1]
     solve = _gram_solver(M)
@@ -168,16 +168,22 @@ def _smallest_by_subspace_iteration(W: torch.Tensor, r: int, rtol: float = 1e-8,
         return None
     generator = torch.Generator(device=W.device).manual_seed(20250122)
     X = torch.randn(k, min(k, 2 * r + 8), generator=generator, device=W.device, dtype=W.dtype)
-    target = rtol * W.norm()
-    for _ in range(max_iter):
+    target, previous = rtol * W.norm(), None
+    for step in range(max_iter):
         X = torch.linalg.qr(solve(X)).Q                       # inverse iteration, re-orthonormalized
         MX = M @ X
         theta, rotation = torch.linalg.eigh(MX.T @ MX)       # Rayleigh-Ritz: Xᵀ MᵀM X = Q Θ Qᵀ
         X, MX = X @ rotation, MX @ rotation                   # Ritz vectors, θ ascending
         residual = (M.T @ MX[:, :r] - X[:, :r] * theta[:r]).norm()
+        if not bool(torch.isfinite(residual)):                # M nearly singular: the solves overflowed
+            return None
         gap = (theta[r] - theta[r - 1]).clamp_min(torch.finfo(W.dtype).tiny)
-        if residual / gap * theta[r].sqrt() <= target:        # ‖Δ(W X Xᵀ)‖ ≲ sin θ · σ_{r+1}
+        error = residual / gap * theta[r].sqrt()              # ‖Δ(W X Xᵀ)‖ ≲ sin θ · σ_{r+1}
+        if error <= target:
             return _triplets_from_vectors(W, X[:, :r].flip(1))
+        if step >= 4 and error * (error / previous).clamp(max=1) ** (max_iter - step) > target:
+            return None                                       # converging too slowly: the SVD is faster
+        previous = error
     return None
 
 
@@ -185,17 +191,17 @@ TRUNCATION_METHODS = {"svd": _smallest_by_svd, "gram": _smallest_by_gram,
                       "subspace": _smallest_by_subspace_iteration}
 
 
-GRAM_MAX = 2048        # k up to which the Gram eigendecomposition beats subspace iteration
-
-
 def default_truncation_method(shape, dtype=torch.float32) -> str:
     """The fastest exact method for a weight of this shape (measured in bench/bench_kasa.py).
 
-    A float64 weight gets the SVD: its result must be exact to float64 rounding, which the Gram
-    matrix (it squares W) cannot promise."""
+    Square weights get subspace iteration: their smallest σ fall towards 0 (a "hard edge"), so
+    σ_r / σ_{m+1} is small and it converges in a few steps. Rectangular ones have a crowded tail
+    (σ_r ≈ σ_{m+1}), where the smaller Gram matrix's eigendecomposition is faster. A float64
+    weight gets the SVD: its result must be exact to float64 rounding, which the Gram matrix
+    (it squares W) cannot promise."""
     if dtype == torch.float64:
         return "svd"
-    return "gram" if min(shape) <= GRAM_MAX else "subspace"
+    return "subspace" if shape[0] == shape[1] else "gram"
 
 
 def truncate_minor_components(weight: torch.Tensor, r: int, method: str = None):
