@@ -48,7 +48,7 @@ Where other implementations differ from the paper (this file follows the paper):
   * PEFT's KaSA variant uses the paper's r x r Gram matrices but sums *unsquared* norms, and
     rejects GPT-2's Conv1D layers.
   * Both run a full SVD for step 1; this file computes only the r smallest triplets (see
-    smallest_triplets), to the same accuracy.
+    truncate_minor_components), to the same accuracy.
 """
 import math
 
@@ -211,8 +211,9 @@ def truncate_minor_components(weight: torch.Tensor, r: int, method: str = None):
     W = W_world + dropped_US @ dropped_Vt. W_world is formed as W minus the dropped part rather
     than rebuilt from the k - r kept factors: the same matrix, but `W_world + dropped` then
     gives back W up to one rounding, which `restore_base` relies on. `method` is 'svd', 'gram'
-    or 'subspace' (default: default_truncation_method); the last two fall back to the SVD
-    where they cannot guarantee the result, so every method gives the same triplets.
+    or 'subspace' (default: default_truncation_method); 'subspace' falls back to 'gram' when it
+    does not converge, and both to the SVD where they cannot guarantee the result, so every
+    method gives the same triplets.
     """
     W = weight.detach()
     if r == 0:                                                # truncation switched off: W_world = W
@@ -226,6 +227,8 @@ def truncate_minor_components(weight: torch.Tensor, r: int, method: str = None):
         dropped = None
     elif method == "subspace":
         dropped = _smallest_by_subspace_iteration(W64, r, rtol=1e-13 if W.dtype == torch.float64 else 1e-8)
+        if dropped is None and W.dtype != torch.float64:
+            dropped = _smallest_by_gram(W64, r)              # no convergence: the next exact path
     else:
         dropped = TRUNCATION_METHODS[method](W64, r)
     if dropped is None:

@@ -93,7 +93,7 @@ def test_every_method_is_exact_to_float32_rounding(method, shape):
 
 
 def test_iterative_path_falls_back_instead_of_being_inexact(monkeypatch):
-    """A singular square weight and a too-small iteration budget both end in the SVD's result."""
+    """A singular square weight and a too-small iteration budget both end in an exact result."""
     W = spectrum_matrix(64, 64, torch.cat([torch.linspace(2, 1, 60), torch.zeros(4)]).double())
     reference = kasa.truncate_minor_components(W, 6, "svd")[0]
     torch.testing.assert_close(kasa.truncate_minor_components(W, 6, "subspace")[0], reference, atol=1e-12, rtol=0)
