@@ -37,8 +37,18 @@ def numpy_world(W: np.ndarray, r: int) -> np.ndarray:
     return (U[:, :k - r] * S[:k - r]) @ Vt[:k - r]
 
 
+METHODS = ("svd", "gram", "subspace")
+
+
+@pytest.fixture(params=METHODS)
+def truncation_method(request, monkeypatch):
+    """Run a test with every exact truncation path (kasa.TRUNCATION_METHODS) as the default."""
+    monkeypatch.setattr(kasa, "default_truncation_method", lambda *shape_and_dtype: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", [(40, 24), (24, 40), (32, 32)], ids=["tall", "wide", "square"])
-def test_truncation_drops_the_r_smallest_triplets(shape):
+def test_truncation_drops_the_r_smallest_triplets(shape, truncation_method):
     r = 5
     base = nn.Linear(shape[1], shape[0], dtype=torch.float64)
     W = base.weight.detach().clone()
@@ -50,9 +60,49 @@ def test_truncation_drops_the_r_smallest_triplets(shape):
     assert np.isclose((W - W_world).norm().item(), np.linalg.norm(smallest), rtol=1e-10)
     np.testing.assert_allclose(W_world.numpy(), numpy_world(W.numpy(), r), atol=1e-12)
     assert layer.kasa_dropped_US.shape == (shape[0], r) and layer.kasa_dropped_Vt.shape == (r, shape[1])
+    np.testing.assert_allclose(layer.kasa_dropped_US.norm(dim=0).numpy(), smallest, rtol=1e-10)  # σ, descending
+    torch.testing.assert_close(layer.kasa_dropped_Vt @ layer.kasa_dropped_Vt.T, torch.eye(r, dtype=torch.float64),
+                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(layer.restore_base().weight, W, atol=1e-12, rtol=0)
 
 
-def test_forward_equals_dense_float64_recomputation():
+def spectrum_matrix(out_features, in_features, sigma, seed=0):
+    """U diag(sigma) Vᵀ with random orthonormal U, V (float64)."""
+    generator = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(out_features, len(sigma), generator=generator, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(in_features, len(sigma), generator=generator, dtype=torch.float64)).Q
+    return (U * sigma) @ V.T
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shape", [(96, 96), (64, 160), (160, 64)], ids=["square", "wide", "tall"])
+def test_every_method_is_exact_to_float32_rounding(method, shape):
+    """A float32 weight with a pretrained-like spectrum (slow decay, crowded tail): every path gives the
+    float64 SVD's W_world to float32 rounding, rank k - r, and the r smallest σ² as removed energy."""
+    k, r = min(shape), 8
+    sigma = torch.linspace(1, 0, k, dtype=torch.float64) ** 2 + 0.02 + 1e-3 * torch.rand(k, dtype=torch.float64)
+    W = spectrum_matrix(*shape, sigma.sort(descending=True).values).float()
+    W_world, US, Vt = kasa.truncate_minor_components(W, r, method)
+    assert W_world.dtype == US.dtype == Vt.dtype == torch.float32
+    reference = torch.from_numpy(numpy_world(W.double().numpy(), r))
+    assert (W_world.double() - reference).norm() <= 1e-6 * W.norm()
+    assert torch.linalg.matrix_rank(W_world.double(), rtol=1e-4).item() == k - r
+    smallest = torch.linalg.svdvals(W.double())[-r:]
+    torch.testing.assert_close(US.double().norm(dim=0), smallest, rtol=1e-5, atol=0)
+    torch.testing.assert_close((W_world + US @ Vt), W, atol=1e-6 * W.abs().max().item(), rtol=0)
+
+
+def test_iterative_path_falls_back_instead_of_being_inexact(monkeypatch):
+    """A singular square weight and a too-small iteration budget both end in an exact result."""
+    W = spectrum_matrix(64, 64, torch.cat([torch.linspace(2, 1, 60), torch.zeros(4)]).double())
+    reference = kasa.truncate_minor_components(W, 6, "svd")[0]
+    torch.testing.assert_close(kasa.truncate_minor_components(W, 6, "subspace")[0], reference, atol=1e-12, rtol=0)
+    W = spectrum_matrix(64, 64, torch.linspace(2, 1, 64).double())
+    assert kasa._smallest_by_subspace_iteration(W, 6, max_iter=1) is None
+    assert kasa._smallest_by_subspace_iteration(W, 6) is not None
+
+
+def test_forward_equals_dense_float64_recomputation(truncation_method):
     r, alpha = 4, 12.0
     base = nn.Linear(20, 12, dtype=torch.float64)
     W, b = base.weight.detach().numpy().copy(), base.bias.detach().numpy().copy()
@@ -73,7 +123,7 @@ def test_update_is_zero_at_init():
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
-def test_merge_unmerge_restore(dtype, atol):
+def test_merge_unmerge_restore(dtype, atol, truncation_method):
     model = TwoProjections(dtype=dtype)
     original = {n: model.get_submodule(n).weight.detach().clone() for n in ("q_proj", "v_proj")}
     kasa.apply_kasa(model, r=4, alpha=8)
@@ -292,7 +342,7 @@ def test_switches_off_equal_peft_lora():
     torch.testing.assert_close(ours(x), theirs(x), atol=1e-6, rtol=1e-6)
 
 
-def test_truncation_smaller_than_rank():
+def test_truncation_smaller_than_rank(truncation_method):
     base = nn.Linear(24, 40, dtype=torch.float64)
     W = base.weight.detach().clone()
     layer = kasa.KaSALinear(base, r=8, truncation=2)
@@ -318,3 +368,92 @@ def test_switched_off_adapter_round_trips_through_safetensors(tmp_path):
     x = torch.randn(3, 24)
     assert torch.equal(fresh(x), model(x))
     assert not fresh.q_proj.kasa_sigma.requires_grad and fresh.q_proj.kasa_A.requires_grad
+
+
+# ----------------------------------------------------------------------------- errors: all or nothing
+
+def snapshot(model):
+    """Every module's type and every tensor (parameters and buffers) with its requires_grad."""
+    return ({name: type(m) for name, m in model.named_modules()},
+            {name: (t.detach().clone(), t.requires_grad) for name, t in model.state_dict(keep_vars=True).items()})
+
+
+def assert_unchanged(model, before):
+    types, tensors = snapshot(model)
+    assert types == before[0]
+    assert tensors.keys() == before[1].keys()
+    for name, (tensor, grad) in tensors.items():
+        assert torch.equal(tensor, before[1][name][0]) and grad == before[1][name][1], name
+
+
+def test_apply_kasa_is_all_or_nothing():
+    model = nn.Sequential()
+    model.add_module("a_proj", nn.Linear(32, 32))
+    model.add_module("b_proj", nn.Linear(32, 4))               # k = 4: too small for r = 4
+    before = snapshot(model)
+    with pytest.raises(kasa.KaSAError, match=r"b_proj: r=4 must satisfy 1 <= r < min\(out, in\) = 4.*smaller r"):
+        kasa.apply_kasa(model, targets=("a_proj", "b_proj"), r=4)
+    assert_unchanged(model, before)
+    model.add_module("c_proj", nn.Conv1d(4, 4, 1))
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="c_proj is a Conv1d"):
+        kasa.apply_kasa(model, targets=("a_proj", "c_proj"), r=2)
+    assert_unchanged(model, before)
+
+
+def test_kasa_error_is_a_value_error_with_its_fix():
+    assert issubclass(kasa.KaSAError, ValueError) and "KaSAError" in kasa.__all__
+    with pytest.raises(kasa.KaSAError, match="already merged: call unmerge"):
+        layer = kasa.KaSALinear(nn.Linear(8, 8), r=2)
+        layer.merge()
+        layer.merge()
+    with pytest.raises(kasa.KaSAError, match=r"apply_kasa\(model, targets=\.\.\.\)"):
+        kasa.apply_kasa(TwoProjections(), targets=("c_attn",))
+
+
+@pytest.fixture
+def trained_adapter():
+    torch.manual_seed(3)
+    pretrained = TwoProjections().state_dict()
+    model = TwoProjections()
+    model.load_state_dict(pretrained)
+    kasa.apply_kasa(model, r=4, alpha=8)
+    randomize_adapter(model)
+    return pretrained, kasa.kasa_state_dict(model)
+
+
+def bad_adapters(state):
+    """(name, state dict, message) triples, each broken in v_proj, the later of the two layers."""
+    def changed(key, value):
+        return {**state, key: value}
+    nan_B = state["v_proj.kasa_B"].clone()
+    nan_B[0, 0] = float("nan")
+    return [("one_row_A", changed("v_proj.kasa_A", state["v_proj.kasa_A"][:1].clone()), r"kasa_A has shape \(1, 16\)"),
+            ("wide_US", changed("v_proj.kasa_dropped_US", torch.zeros(32, 5)), "kasa_dropped_US has shape"),
+            ("nan", changed("v_proj.kasa_B", nan_B), "NaN"),
+            ("int_sigma", changed("v_proj.kasa_sigma", torch.ones(4, dtype=torch.int64)), "not floating point")]
+
+
+@pytest.mark.parametrize("adapted", [False, True], ids=["plain", "already_adapted"])
+def test_load_kasa_state_dict_is_all_or_nothing(trained_adapter, adapted):
+    pretrained, state = trained_adapter
+    model = TwoProjections()
+    model.load_state_dict(pretrained)
+    if adapted:
+        kasa.apply_kasa(model, r=2)
+    before = snapshot(model)
+    for label, bad, message in bad_adapters(state):
+        with pytest.raises(kasa.KaSAError, match=message):
+            kasa.load_kasa_state_dict(model, bad)
+        assert_unchanged(model, before)
+    other = TwoProjections()
+    other.load_state_dict(pretrained)
+    with torch.no_grad():
+        other.v_proj.weight.mul_(1.5)                          # only the later layer's base differs
+    if adapted:
+        kasa.apply_kasa(other, r=2)
+    before = snapshot(other)
+    with pytest.raises(kasa.KaSAError, match="v_proj: the base weights differ"):
+        kasa.load_kasa_state_dict(other, state)
+    assert_unchanged(other, before)
+    assert kasa.load_kasa_state_dict(model, state) == ["q_proj", "v_proj"]   # the good one still loads
