@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import errors
 import kasa
 import train
 
@@ -92,7 +93,7 @@ def test_untruncated_targets_keep_their_full_weight(tiny_gpt2_dir):
     S = torch.linalg.svdvals(q.weight.double())
     assert S[-4:].max() < 1e-5 * S[0] < S[-5]   # rank k − r
     assert q.kasa_sigma.requires_grad and v.kasa_sigma.requires_grad
-    with pytest.raises(SystemExit, match="untruncated-targets"):
+    with pytest.raises(errors.ConfigError, match="untruncated-targets"):
         train.adapt_model(load_pretrained(tiny_gpt2_dir)[0], train.TrainConfig(untruncated_targets=("k_proj",)))
 
 
