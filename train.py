@@ -102,6 +102,8 @@ def start_run(config: TrainConfig) -> Run:
             run.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputError(f"cannot create --out-dir {run.out_dir}: {errors.describe_os_error(e)}") from e
+        for leftover in run.out_dir.glob(".*.tmp"):  # a killed run's half-written file (files.write_atomic)
+            leftover.unlink(missing_ok=True)
     if run.device_type == "cpu" and config.max_steps is None and \
             config.model == PRESETS[config.task].get("model", TrainConfig.model):
         run.log(f"note: this is the paper's full setting ({config.model}, {config.epochs} epochs): it needs a GPU, "
