@@ -6,6 +6,7 @@
   PRESETS       task -> the TrainConfig values that differ from its defaults (the paper's E2E setting)
   parse_config  the task's preset, then the flags given; every value checked before anything is loaded
   adapt_model   the method (KaSA, or a baseline: LoRA, PiSSA, MiLoRA, full fine-tuning) on the model
+  report_truncation  what KaSA's SVD truncation costs this model, measured before training
   Task          what the training loop needs from a task
   e2e_task      E2E NLG: (MR, reference) sequences, loss on the reference, beam search, five metrics
   glue_task     GLUE: a linear head on the last real token, cross-entropy (MSE for STS-B), dev metrics
@@ -13,6 +14,7 @@
 """
 import argparse
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,13 +250,13 @@ def resume_differences(saved: dict, config: TrainConfig) -> tuple[list, list]:
     fixed, changed = [], []
     for f in dataclasses.fields(TrainConfig):
         before, now = saved.get(f.name, f.default), getattr(config, f.name)  # a missing field: its default
-        if f.name != "resume" and show(before) != show(now):
+        if f.name != "resume" and (tuple(before) if isinstance(before, list) else before) != now:
             (changed if f.metadata["resumable"] else fixed).append(f"{flag_name(f)} {show(before)} -> {show(now)}")
     return fixed, changed
 
 
 # -----------------------------------------------------------------------------
-# Methods: which layers to adapt, and how each method adapts them
+# Methods: which layers to adapt, how each method adapts them, and what the truncation costs
 
 
 def resolve_targets(targets: tuple, model: nn.Module) -> tuple:
@@ -310,6 +312,35 @@ def adapt_model(model: nn.Module, config: TrainConfig) -> list:
     if config.method in ("pissa", "milora"):
         init_from_principal_or_minor_components(model, "largest" if config.method == "pissa" else "smallest")
     return names
+
+
+def report_truncation(model, probe_batches: list, device: str, amp_dtype, out_dir: Path, log=print) -> dict:
+    """Step 1's cost on this model, measured before training (kasa.truncation_report), printed worst
+    layers first and saved as RUN_DIR/truncation_report.json. It only reports: a warning names the
+    layers, and train.py adds the flags that avoid them; the run goes on as configured."""
+    batches = [{k: v.to(device) for k, v in batch.items()} for batch in probe_batches]
+
+    def text_loss(batch):  # the mean next-token loss over every real token: how well the model knows the text
+        input_ids, mask = batch["input_ids"], batch["attention_mask"]
+        return model.loss(input_ids[:, :-1], input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100),
+                          attention_mask=mask[:, :-1])
+
+    def compute_loss():
+        with torch.autocast(device.split(":")[0], dtype=amp_dtype, enabled=amp_dtype is not None):
+            return sum(text_loss(batch).float() for batch in batches) / len(batches)
+    report = kasa.truncation_report(model, compute_loss)
+    log(kasa.format_truncation_report(report))
+    if report["warning"]:
+        by_kind = {}                               # Δloss per projection, as kasa.truncation_report sums it
+        for row in report["layers"]:
+            kind = row["name"].rpartition(".")[2]
+            by_kind[kind] = by_kind.get(kind, 0.0) + row["delta_loss"]
+        harmful = sorted(kind for kind, delta in by_kind.items() if delta > 0.05)
+        harmless = sorted(set(by_kind) - set(harmful))
+        ways = [f"--targets {','.join(harmless)}", f"--untruncated-targets {','.join(harmful)}"] if harmless else []
+        log("With train.py: " + ", or ".join(ways + ["--truncation 0"]) + ".")
+    files.write_text_atomic(out_dir / "truncation_report.json", json.dumps(report, indent=1))
+    return report
 
 
 # -----------------------------------------------------------------------------

@@ -2,25 +2,21 @@
 or classify: `python train.py --task sst2` (GLUE: cola, sst2, mrpc, qnli, rte, stsb).
 
 A plain PyTorch loop in six steps, numbered alike here, in the section rulers and in main():
-  1. config: the task's preset (the paper's setting, tasks.py), then the flags given; every value
-     is checked before anything is loaded, and on --resume against the checkpoint's
-  2. model: load a pretrained checkpoint, then adapt the target projections (kasa.py), or a
-     baseline (--method lora|pissa|milora|full) on the same loop, data and budget
-  3. data: tokenized examples (tasks.py), a seeded order per epoch (so --resume knows exactly where it was)
+  1. config: the task's preset (the paper's setting), then the flags given, all checked before
+     anything is loaded (tasks.py), and on --resume against the checkpoint's
+  2. model: a pretrained checkpoint, then KaSA on the target projections (kasa.py), or a baseline
+     (--method lora|pissa|milora|full) on the same loop, data and budget
+  3. data: tokenized examples (tasks.py), a seeded order per epoch (so --resume is exact)
   4. optimizer: AdamW, warmup + linear decay; the run says what it will do before it starts
   5. train: loss = task + β·L2 + γ·L3 (Eq. 11), gradient accumulation, atomic checkpoints
   6. evaluate: merge ΔW into W_world (zero added latency), decode the test set, score it (eval.py);
      GLUE scores its dev set after every epoch too, and reports the final and the best epoch
-
-Runs on CUDA when available (bf16 autocast, or fp16 with a GradScaler on GPUs without bf16),
-on the CPU otherwise; `torchrun --nproc_per_node=N train.py ...` trains on N processes (DDP).
-Every KaSA init first reports what the SVD truncation costs (truncation_report.json), and
-training ends with plots (plots/*.png) and, with --export, PEFT and Hugging Face copies.
-A run directory (--out-dir, default runs/<task>) ends up holding:
-  config.json, checkpoint.pt (adapter + optimizer + RNG + data position), adapter.safetensors,
-  history.json (losses), metrics.json, and the task's outputs (E2E: predictions.txt, references.txt;
-  GLUE: head.safetensors, the classification head, and dev_predictions.tsv).
-A bad flag or file stops the run with `error: ...` (exit 2); --debug shows the traceback.
+CUDA when available (bf16 autocast, or fp16 with a GradScaler), else the CPU; `torchrun
+--nproc_per_node=N train.py ...` trains on N processes (DDP). A run directory (--out-dir, default
+runs/<task>) ends up holding config.json, truncation_report.json, checkpoint.pt (adapter, optimizer,
+RNG, data position), adapter.safetensors, history.json, plots/, metrics.json, and the task's outputs
+(E2E: predictions.txt, references.txt; GLUE: head.safetensors, dev_predictions.tsv); --export adds
+export/hf (merged) and export/peft. A bad flag or file stops with `error: ...` (exit 2; --debug: traceback).
 """
 import contextlib
 import dataclasses
@@ -46,7 +42,7 @@ from errors import CheckpointError, ConfigError, OutputError
 from files import write_text_atomic  # noqa: F401 - bench scripts import it from here
 from model import load_pretrained, save_hf_checkpoint, save_peft_adapter
 from tasks import (GLUE_SELECT_BY, PRESETS, TASKS, Task, TrainConfig,  # noqa: F401 - bench/sweep.py reads
-                   adapt_model, parse_config, resume_differences)  # PRESETS and GLUE_SELECT_BY here
+                   adapt_model, parse_config, report_truncation, resume_differences)  # PRESETS and GLUE_SELECT_BY here
 
 # -----------------------------------------------------------------------------
 # 1. Config: the flags (tasks.parse_config checks them all), the process and device, and on --resume
@@ -103,14 +99,13 @@ def start_run(config: TrainConfig) -> Run:
         except OSError as e:
             raise OutputError(f"cannot create --out-dir {run.out_dir}: {errors.describe_os_error(e)}") from e
         for leftover in run.out_dir.glob(".*.tmp"):  # a killed run's half-written file (files.write_atomic)
-            leftover.unlink(missing_ok=True)
-    if run.device_type == "cpu" and config.max_steps is None and \
-            config.model == PRESETS[config.task].get("model", TrainConfig.model):
-        run.log(f"note: this is the paper's full setting ({config.model}, {config.epochs} epochs): it needs a GPU, "
-                "and on this CPU it takes days. A CPU-sized run (a small model, a few hundred steps, minutes):\n"
-                f"  python train.py --task {config.task} --model HuggingFaceTB/SmolLM2-135M-Instruct --max-steps 300 "
-                + ("--warmup-steps 30 --max-eval-examples 50 --num-beams 4" if config.task == "e2e"
-                   else "--batch-size 8 --max-len 128 --max-eval-examples 400"))
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+    if run.device_type == "cpu" and config.max_steps is None and config.model == TrainConfig(**PRESETS[config.task]).model:
+        run.log(f"note: this is the paper's full setting ({config.model}, {config.epochs} epochs): it needs a GPU, and "
+                "on this CPU it takes days. A CPU-sized run (a small model, a few hundred steps, minutes):\n  python "
+                f"train.py --task {config.task} --model HuggingFaceTB/SmolLM2-135M-Instruct --max-steps 300 " + (
+                    "--warmup-steps 30 --max-eval-examples 50 --num-beams 4" if config.task == "e2e" else "--batch-size 8"))
     torch.manual_seed(config.seed)          # the same seed on every rank: the same adapter init
     return run
 
@@ -140,35 +135,18 @@ def load_checkpoint(run: Run) -> dict:
 
 # -----------------------------------------------------------------------------
 # 2. Model: the pretrained weights, then the adapter (tasks.adapt_model: which layers, how each method
-#    adapts them), and what KaSA's truncation costs
+#    adapts them), and what KaSA's truncation costs (tasks.report_truncation)
 
 
-def report_truncation(run: Run, model, probe_batches: list) -> dict:
-    """Step 1's cost on this model, measured before training (kasa.truncation_report), printed worst
-    layers first and saved as RUN_DIR/truncation_report.json. It only reports: a warning names the
-    layers, and train.py adds the flags that avoid them; the run goes on as configured."""
-    batches = [{k: v.to(run.device) for k, v in batch.items()} for batch in probe_batches]
-
-    def text_loss(batch):  # the mean next-token loss over every real token: how well the model knows the text
-        input_ids, mask = batch["input_ids"], batch["attention_mask"]
-        return model.loss(input_ids[:, :-1], input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100),
-                          attention_mask=mask[:, :-1])
-
-    def compute_loss():
-        with torch.autocast(run.device_type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-            return sum(text_loss(batch).float() for batch in batches) / len(batches)
-    report = kasa.truncation_report(model, compute_loss)
-    run.log(kasa.format_truncation_report(report))
-    if report["warning"]:
-        by_kind = {}                               # Δloss per projection, as kasa.truncation_report sums it
-        for row in report["layers"]:
-            by_kind[row["name"].rpartition(".")[2]] = by_kind.get(row["name"].rpartition(".")[2], 0) + row["delta_loss"]
-        harmful = sorted(kind for kind, delta in by_kind.items() if delta > 0.05)
-        harmless = sorted(set(by_kind) - set(harmful))
-        ways = [f"--targets {','.join(harmless)}", f"--untruncated-targets {','.join(harmful)}"] if harmless else []
-        run.log("With train.py: " + ", or ".join(ways + ["--truncation 0"]) + ".")
-    files.write_text_atomic(run.out_dir / "truncation_report.json", json.dumps(report, indent=1))
-    return report
+@contextlib.contextmanager
+def users_files(error: type, what: str):
+    """The OSError / ValueError of a missing or malformed model or data file, as `error` (ours pass)."""
+    try:
+        yield
+    except errors.UserError:
+        raise
+    except (OSError, ValueError) as e:
+        raise error(f"{what} ({type(e).__name__}: {e})") from e
 
 
 def load_model(run: Run, checkpoint: dict | None):
@@ -176,18 +154,17 @@ def load_model(run: Run, checkpoint: dict | None):
     rank (the SVD is deterministic, and DDP also broadcasts rank 0's weights), or, on --resume, the
     saved truncation and adapter are loaded instead (no SVD)."""
     config = run.config
-    try:
+    with users_files(CheckpointError, f"--model {config.model}: cannot load it"):
         model, tokenizer = load_pretrained(config.model, dtype=run.base_dtype, device=run.device)
-    except (OSError, ValueError) as e:  # a missing, unreadable or malformed model file is the user's to fix
-        raise CheckpointError(f"--model {config.model}: cannot load it ({type(e).__name__}: {e})") from e
     if config.max_len > model.config.max_position:
         raise ConfigError(f"--max-len {config.max_len}: {config.model} reads at most {model.config.max_position} tokens")
-    task = TASKS[config.task](config, model, tokenizer)
+    with users_files(errors.DataError, f"--task {config.task}: cannot load its data"):
+        task = TASKS[config.task](config, model, tokenizer)
     fresh = checkpoint is None
     with contextlib.nullcontext() if fresh else errors.reading(run.checkpoint_path, CheckpointError,
                                                                 "delete it, or point --out-dir elsewhere"):
         if fresh or config.method == "full":
-            adapted = adapt_model(model, config)
+            adapted = adapt_model(model, config)  # KaSA's step 1, the SVD truncation, happens in here
         else:
             adapted = kasa.load_kasa_state_dict(model, checkpoint["adapter"], dropout=config.adapter_dropout)
         if not fresh and config.method == "full":
@@ -195,7 +172,7 @@ def load_model(run: Run, checkpoint: dict | None):
         if not fresh and task.head is not None:
             task.head.load_state_dict(checkpoint["head"])
     if fresh and config.method == "kasa" and config.truncation_report and run.is_main:
-        report_truncation(run, model, task.probe_batches)
+        report_truncation(model, task.probe_batches, run.device, run.amp_dtype, run.out_dir, log=run.log)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if task.head is not None:  # outside the model, so apply_kasa's freezing leaves it trainable
         trainable += list(task.head.parameters())
@@ -317,19 +294,14 @@ def make_training(run: Run, schedule: Schedule, model, task: Task, adapted: list
 
 
 def save_checkpoint(run: Run, t: Training):
-    files.save_torch_atomic({
-        "adapter": kasa.kasa_state_dict(t.model) if t.adapted else {},
-        "model": t.model.state_dict() if run.config.method == "full" else {},
-        "head": t.task.head.state_dict() if t.task.head is not None else {},
-        "optimizer": t.optimizer.state_dict(),
-        "scheduler": t.scheduler.state_dict(),
-        "scaler": t.scaler.state_dict(),
-        "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if run.device_type == "cuda" else None},
-        "step": t.step,
-        "history": t.history,
-        "evaluations": t.evaluations,
-        "config": {**dataclasses.asdict(run.config), "resume": False},
-    }, run.checkpoint_path)
+    files.save_torch_atomic(dict(
+        adapter=kasa.kasa_state_dict(t.model) if t.adapted else {},
+        model=t.model.state_dict() if run.config.method == "full" else {},
+        head=t.task.head.state_dict() if t.task.head is not None else {},
+        optimizer=t.optimizer.state_dict(), scheduler=t.scheduler.state_dict(), scaler=t.scaler.state_dict(),
+        rng={"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if run.device_type == "cuda" else None},
+        step=t.step, history=t.history, evaluations=t.evaluations,
+        config={**dataclasses.asdict(run.config), "resume": False}), run.checkpoint_path)
     t.saved_step = t.step
 
 

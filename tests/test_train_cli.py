@@ -131,3 +131,18 @@ def test_the_paper_setting_on_a_cpu_names_a_cpu_sized_run(tmp_path, capsys):
     assert "needs a GPU" in printed and "--model HuggingFaceTB/SmolLM2-135M-Instruct --max-steps 300" in printed
     train.start_run(train.TrainConfig(out_dir=str(tmp_path), max_steps=300))
     assert "needs a GPU" not in capsys.readouterr().out
+
+
+def test_resume_applies_and_notes_the_settings_that_may_change(runs, tmp_path, tiny_gpt2_dir, capsys):
+    import shutil
+    from conftest import SHARED_DATA
+    shutil.copytree(runs[0] / "good", tmp_path / "run")
+    train.main(["--model", str(tiny_gpt2_dir), "--data-dir", str(SHARED_DATA / "e2e"), "--max-train-examples", "16",
+                "--batch-size", "4", "--max-len", "64", "--warmup-steps", "1", "--no-eval", "--no-truncation-report",
+                "--max-steps", "5", "--log-every", "5", "--resume", "--out-dir", str(tmp_path / "run")])
+    printed = capsys.readouterr().out
+    note = next(line for line in printed.splitlines() if line.startswith("note: resuming with changed settings: "))
+    assert {"--max-steps 4 -> 5", "--log-every 10 -> 5", "--out-dir"} <= {part.split(" /")[0] for part in
+                                                                        note.split(": ", 1)[1].split("; ")}
+    assert "resumed from" in printed and "step 5/5" in printed
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 5
