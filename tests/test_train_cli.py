@@ -141,8 +141,9 @@ def test_resume_applies_and_notes_the_settings_that_may_change(runs, tmp_path, t
                 "--batch-size", "4", "--max-len", "64", "--warmup-steps", "1", "--no-eval", "--no-truncation-report",
                 "--max-steps", "5", "--log-every", "5", "--resume", "--out-dir", str(tmp_path / "run")])
     printed = capsys.readouterr().out
-    note = next(line for line in printed.splitlines() if line.startswith("note: resuming with changed settings: "))
-    assert {"--max-steps 4 -> 5", "--log-every 10 -> 5", "--out-dir"} <= {part.split(" /")[0] for part in
-                                                                        note.split(": ", 1)[1].split("; ")}
+    prefix = "note: resuming with changed settings: "
+    note = next(line for line in printed.splitlines() if line.startswith(prefix))
+    changed = {part.split(" /")[0] for part in note.removeprefix(prefix).split("; ")}
+    assert changed == {"--max-steps 4 -> 5", "--log-every 10 -> 5", "--out-dir"}
     assert "resumed from" in printed and "step 5/5" in printed
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 5
