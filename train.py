@@ -148,6 +148,7 @@ def load_model(run: Run, checkpoint: dict | None):
     rank (the SVD is deterministic, and DDP also broadcasts rank 0's weights), or, on --resume, the
     saved truncation and adapter are loaded instead (no SVD)."""
     config = run.config
+    run.log(f"loading {config.model} ({str(run.base_dtype).removeprefix('torch.')}, {run.device})")
     with users_files(CheckpointError, f"--model {config.model}: cannot load it"):
         model, tokenizer = load_pretrained(config.model, dtype=run.base_dtype, device=run.device)
     if config.max_len > model.config.max_position:
@@ -166,6 +167,8 @@ def load_model(run: Run, checkpoint: dict | None):
         if not fresh and task.head is not None:
             task.head.load_state_dict(checkpoint["head"])
     if fresh and config.method == "kasa" and config.truncation_report and run.is_main:
+        run.log(f"truncation report: the loss on {len(task.probe_batches)} training batches with each of the "
+                f"{len(adapted)} layers truncated alone (--no-truncation-report skips it)")
         report_truncation(model, task.probe_batches, run.device, run.amp_dtype, run.out_dir, log=run.log)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if task.head is not None:  # outside the model, so apply_kasa's freezing leaves it trainable
