@@ -128,7 +128,7 @@ def test_every_flag_has_help_and_its_default(capsys):
 def test_the_paper_setting_on_a_cpu_names_a_cpu_sized_run(tmp_path, capsys):
     train.start_run(train.TrainConfig(out_dir=str(tmp_path)))
     printed = capsys.readouterr().out
-    assert "needs a GPU" in printed and "--model HuggingFaceTB/SmolLM2-135M-Instruct --max-steps 300" in printed
+    assert "needs a GPU" in printed and "--model HuggingFaceTB/SmolLM2-135M-Instruct --max-steps 100" in printed
     train.start_run(train.TrainConfig(out_dir=str(tmp_path), max_steps=300))
     assert "needs a GPU" not in capsys.readouterr().out
 
