@@ -5,9 +5,8 @@ command line that does it for a finished run.
     python eval.py --refs REFS --hyps HYPS      # prints the five E2E metrics as JSON
     python eval.py --plots RUN_DIR              # redraws a training run's PNGs (needs matplotlib)
 
-Read top to bottom: the decoders, then the E2E evaluation (the one path train.py and `--checkpoint`
-share: the same test MRs, beam settings and precision), then the command line. The metrics live in
-metrics.py and the plots in plots.py; their names are imported here, where train.py looks for them.
+Read top to bottom: the decoders, the E2E evaluation (the one path train.py and `--checkpoint` share),
+the command line. Metrics (metrics.py), plots (plots.py) and run directories (runs.py) are imported.
 """
 import argparse
 import json
@@ -73,14 +72,11 @@ BLANK_LINE = re.compile(r"\n[^\S\n]*\n")
 
 
 class BlankLineStop:
-    """Which next tokens complete a blank line, for every row at once.
-
-    A blank line may sit inside one token ("\\n\\n") or span several ("\\n", " ", "\\n"), so each
-    row carries one bit, `line_open`: its text ends with a newline and optional spaces. Tables over
-    the vocabulary, from each token's text:  closes[t] holds a blank line (ends any row);
-    completes[t] starts with spaces and a newline (ends a row whose line is open); opens[t] ends
-    with a newline and spaces (opens a line); blank[t] is only spaces (keeps the bit as it was).
-    """
+    """Which next tokens complete a blank line, for every row at once. A blank line may sit inside one
+    token ("\\n\\n") or span several ("\\n", " ", "\\n"), so each row carries one bit, `line_open`: its
+    text ends with a newline and optional spaces. Tables over the vocabulary, from each token's text:
+    closes[t] holds a blank line (ends any row); completes[t] starts with spaces and a newline (ends a
+    row whose line is open); opens[t] ends with a newline and spaces; blank[t] is only spaces."""
 
     def __init__(self, tokenizer, vocab_size: int):
         known = min(vocab_size, tokenizer.get_vocab_size())
@@ -116,12 +112,10 @@ def ending_tokens(is_eos, blank_line, line_open, at_limit):
 
 def block_repeated_ngrams(scores, generated, lengths, n: int) -> None:
     """Set to -inf, in place, every token that would repeat an n-gram of its row's continuation.
-
-    scores (R, V); generated (R, L) holds each row's tokens, lengths (R,) how many so far. The
-    n-grams seen are generated[r, i : i + n] for i = 0 .. lengths[r] - n; a token is banned where
-    its row's last n - 1 tokens equal the first n - 1 of a seen n-gram, and it equals that n-gram's
-    last token. No host sync: the bans are a scatter of min(score, -inf or +inf).
-    """
+    scores (R, V); generated (R, L) holds each row's tokens, lengths (R,) how many so far. The n-grams
+    seen are generated[r, i : i + n] for i = 0 .. lengths[r] - n; a token is banned where its row's
+    last n - 1 tokens equal the first n - 1 of a seen n-gram and it is that n-gram's last token.
+    No host sync: the bans are a scatter of min(score, -inf or +inf)."""
     R, L = generated.shape
     if n <= 0 or L < n:
         return
@@ -262,10 +256,9 @@ def greedy_search(model, prompts: list[list[int]], eos_token_id=None, config: Be
 
 
 def top_pairs(running, logits, log_norm, K: int):
-    """The K best (beam, token) pairs of every prompt by s_b + log p(t | b) (steps 1-3), as
-    (scores, parent beams, tokens), each (prompts, K). A prompt's K best pairs are among the K best
-    tokens of each of its beams, so only those K*K pairs are ranked, not K*V.
-    running (prompts, K); logits (prompts*K, V), whose log-probs are logits - log_norm."""
+    """The K best (beam, token) pairs of every prompt by s_b + log p(t | b) (steps 1-3): (scores, parent
+    beams, tokens), each (prompts, K). They are among the K best tokens of each beam, so only K*K pairs
+    are ranked, not K*V. running (prompts, K); logits (prompts*K, V); log-probs = logits - log_norm."""
     values, tokens = logits.topk(K, dim=-1)
     scores = (running.reshape(-1, 1) + (values - log_norm)).view(-1, K * K)
     scores, pairs = scores.topk(K, dim=1)
@@ -281,8 +274,7 @@ class Hypotheses:
         self.best_length = torch.zeros(slots, dtype=torch.long, device=device)
 
     def add(self, candidates, generated, parent_rows, tokens, steps, is_eos) -> None:
-        """candidates (slots, K): scores of the top pairs that end here (-inf: it does not end), whose
-        parent rows of `generated` and tokens are parent_rows and tokens (slots, K)."""
+        """candidates (slots, K): scores of the top pairs (parent_rows, tokens) that end here, else -inf."""
         improves = candidates.max(1).values > self.scores[:, 0]
         self.scores = torch.cat([self.scores, candidates], 1).topk(self.scores.shape[1], dim=1).values
         pick = candidates.argmax(1, keepdim=True)
@@ -300,12 +292,10 @@ class Hypotheses:
 def beam_search(model, prompts: list[list[int]], eos_token_id=None, config: BeamSearchConfig = BeamSearchConfig(),
                 blank_line: BlankLineStop | None = None, batch_size: int | None = None,
                 on_done=None) -> list[list[int]]:
-    """Beam-search every prompt (token id lists); return each one's best continuation.
-
-    eos_token_id: an id or a list of ids that end a hypothesis; they are left out of the result.
-    blank_line: also end a hypothesis when its text completes a blank line (that token is kept).
-    batch_size prompts (default: all) are searched at once, num_beams rows each; on_done(i) is
-    called when prompt i is done."""
+    """Beam-search every prompt (token id lists); return each one's best continuation. eos_token_id:
+    an id or a list of ids that end a hypothesis (left out of the result); blank_line: also end one
+    whose text completes a blank line (that token is kept). batch_size prompts (default: all) are
+    searched at once, num_beams rows each; on_done(i) is called when prompt i is done."""
     cfg, K = config, config.num_beams
     is_eos = check_decoding(model, prompts, cfg, eos_token_id, blank_line, batch_size)
     batch = PromptBatch(model, prompts, K, batch_size or len(prompts), cfg.max_new_tokens)
@@ -425,9 +415,8 @@ def e2e_evaluator(config, tokenizer):
 
 
 def evaluate_run(run_dir, task: str = "e2e") -> dict:
-    """`python eval.py --checkpoint RUN_DIR`: decode and score with the run's own settings, write
-    predictions.txt, references.txt and metrics.json (the scores replace the run's, its other
-    entries, such as train_steps, stay)."""
+    """`python eval.py --checkpoint RUN_DIR`: decode and score with the run's own settings, write predictions.txt,
+    references.txt and metrics.json (the scores replace the run's; its other entries, e.g. train_steps, stay)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     run_dir = check_run_dir(run_dir)
     config = read_run_config(run_dir)
@@ -455,8 +444,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Score E2E NLG outputs with the official metrics, decode and "
                                                  "score a train.py run, or redraw a run's plots.")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--refs", help="references: UTF-8 text with one group of lines per output, groups separated by a "
-                           "blank line, or an E2E CSV with mr,ref columns; needs --hyps (default: none)")
+    mode.add_argument("--refs", help="references: UTF-8 text with one group of lines per output, groups separated "
+                                     "by a blank line, or an E2E CSV with mr,ref columns; needs --hyps (default: none)")
     mode.add_argument("--checkpoint", metavar="RUN_DIR",
                       help="decode the test set with a train.py run's merged adapter and score it, as the run "
                            "did; writes predictions.txt, references.txt, metrics.json there (default: none)")
