@@ -205,7 +205,14 @@ def main(argv=None):
     results = dict(model=gguf.name, adapter=adapter, blank_line_stop=args.blank_line_stop, mrs=len(prompts),
                    batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                    threads=args.threads, repeats=args.repeats, torch=torch.__version__,
-                   transformers=transformers.__version__, logit_max_abs_diff=logit_diff, decoders={})
+                   transformers=transformers.__version__, logit_max_abs_diff=logit_diff,
+                   load_average_at_start=os.getloadavg()[0], decoders={})
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write():  # after every decoder, so an interrupted run keeps what it measured
+        results["load_average_at_end"] = os.getloadavg()[0]
+        write_text_atomic(out_path, json.dumps(results, indent=2) + "\n")
     skip = set(filter(None, args.skip.split(",")))
     print("| decoder | ours s | transformers s | time ours / transformers | same tokens | mean new tokens |")
     print("|---|---|---|---|---|---|")
@@ -230,13 +237,12 @@ def main(argv=None):
         results["decoders"][label] = dict(ours_s=t["ours"], transformers_s=t["transformers"],
                                           ratio=t["ours"] / t["transformers"], same_outputs=same,
                                           mean_new_tokens=mean_new, runs_s=runs)
+        write()
     if args.profile:
         config = E.BeamSearchConfig(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
         results["beam_profile"] = profile_beam_search(ours, prompts, eos_id, config, args.batch_size, blank_line)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out, json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write()
+    print(f"\nwrote {out_path}")
 
 
 if __name__ == "__main__":
