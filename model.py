@@ -1,8 +1,7 @@
 """One decoder-only transformer for two families: GPT-2 and LLaMA-style models.
 
-GPT-2 (gpt2, -medium, -large, -xl) and LLaMA-style models (Llama 2/3 incl. "llama3"
-RoPE scaling, Mistral, TinyLlama, SmolLM2) differ only in a handful of choices, so one
-`Transformer` covers both and a `ModelConfig.family` picks between them:
+GPT-2 (gpt2 .. gpt2-xl) and LLaMA-style models (Llama 2/3 incl. "llama3" RoPE scaling, Mistral,
+TinyLlama, SmolLM2) differ in a handful of choices; one `Transformer` covers both, by ModelConfig.family:
 
                     gpt2                         llama
     norm            LayerNorm (with bias)        RMSNorm
@@ -10,9 +9,8 @@ RoPE scaling, Mistral, TinyLlama, SmolLM2) differ only in a handful of choices, 
     MLP             c_fc -> gelu(tanh) -> c_proj gate_proj, up_proj -> SwiGLU -> down_proj
     heads           n_kv_head == n_head          grouped-query attention (n_kv_head <= n_head)
 
-Attention projections are separate nn.Linear layers named q_proj, k_proj, v_proj, o_proj in
-both families (GPT-2's fused Conv1D c_attn is split at load time), so KaSA adapters target the
-same names everywhere.
+Attention projections are separate nn.Linear layers q_proj, k_proj, v_proj, o_proj in both families
+(GPT-2's fused c_attn is split at load time), so KaSA adapters target the same names everywhere.
 
 Reading order: config -> norm/RoPE -> attention + KV cache -> MLP -> block -> model ->
 classification head -> load_pretrained. Machinery a reader may skip lives elsewhere: the file
@@ -25,8 +23,6 @@ formats (safetensors, .bin, GGUF, tokenizers, hub ids) in checkpoints.py, export
     scores = ClassificationHead(d_model, num_labels)(h, attention_mask)  # GLUE: reads the last real token
     cache = model.new_cache(batch_size, max_len)   # then model(new_ids, attention_mask=..., cache=cache)
     out = model.generate(input_ids, max_new_tokens, eos_token_id, attention_mask)
-    save_hf_checkpoint(model, tokenizer, "out/hf")    # export.py: merged weights, for transformers
-    save_peft_adapter(model, "out/peft", "gpt2")      # export.py: LoRA of rank r + t on the original base
 """
 import math
 from dataclasses import dataclass
@@ -127,25 +123,19 @@ def apply_rope(x, cos, sin):
 # ----------------------------------------------------------------------------- attention and KV cache
 
 class KVCache:
-    """Preallocated keys/values for incremental decoding.
+    """Preallocated keys/values k[layer], v[layer] (batch, n_kv_head, max_len, head_dim), filled:
 
-    k[layer], v[layer]: (batch, n_kv_head, max_len, head_dim). Filled in one of two ways:
-
-    Together: `length` positions of every row are filled. Every layer writes its new keys/values
-    at [length, length + T) and the model advances `length` by T after the last layer, so one
-    forward call appends T positions. The caller owns the attention mask: pass attention_mask of
-    shape (B, length + T) with 1 for real tokens and 0 for padding (left padding is the usual choice
-    for batched prompts).
+    Together: positions [0, length) of every row are filled; a forward call of T tokens writes at
+    [length, length + T) in every layer, then the model advances `length` by T. The caller owns the
+    attention mask (B, length + T): 1 for real tokens, 0 for padding (left padding for batched prompts).
 
     Row by row (continuous batching: a row whose text is done takes the next prompt): once
-    `start_rows` has given some rows a new sequence, each row b has its own `row_lengths[b]`; a
-    forward call appends each row's T new tokens at its own positions [row_lengths[b], + T), the
-    model numbers them from there and masks every key past a row's own length (no attention_mask:
-    such rows hold no padding). `length` is then the longest row, the keys the attention reads.
+    `start_rows` gave some rows a new sequence, row b has its own `row_lengths[b]`; its T new tokens
+    go at [row_lengths[b], + T), numbered from there, and every key past a row's own length is masked
+    (no attention_mask: such rows hold no padding). `length` is then the longest row.
 
-    Beam search: `expand(n)` repeats every row n times (row b -> rows b*n .. b*n+n-1, like
-    repeat_interleave), and `reorder(index)` keeps rows `index` (index_select along batch),
-    e.g. the parent beam of every surviving hypothesis. Reorder the attention mask the same way.
+    Beam search: `expand(n)` repeats every row n times (repeat_interleave), `reorder(index)` keeps
+    rows `index` (the parent beam of every surviving hypothesis); reorder the attention mask alike.
     """
 
     def __init__(self, n_layer, batch_size, n_kv_head, head_dim, max_len, dtype, device):
@@ -176,12 +166,10 @@ class KVCache:
             raise ValueError(f"KV cache overflow: {end} positions > max_len={self.max_len}; "
                              "create the cache with a larger max_len")
         if self.row_lengths is None:
-            self.k[layer][:, :, self.length:end] = k
-            self.v[layer][:, :, self.length:end] = v
-        else:  # row b's token t goes to position row_lengths[b] + t
-            rows = torch.arange(k.shape[0], device=k.device)[:, None]
-            positions = self.positions(k.shape[2])
-            dtype = self.k[layer].dtype  # under autocast k, v can be bf16 in a float32 cache
+            self.k[layer][:, :, self.length:end], self.v[layer][:, :, self.length:end] = k, v
+        else:  # row b's token t goes to position row_lengths[b] + t; under autocast k, v may be bf16
+            rows, positions = torch.arange(k.shape[0], device=k.device)[:, None], self.positions(k.shape[2])
+            dtype = self.k[layer].dtype
             self.k[layer][rows, :, positions] = k.transpose(1, 2).to(dtype)
             self.v[layer][rows, :, positions] = v.transpose(1, 2).to(dtype)
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
@@ -194,16 +182,17 @@ class KVCache:
 
     def start_rows(self, rows, lengths, source: "KVCache | None" = None, source_rows=None) -> "KVCache":
         """Give each row rows[i] a new sequence of lengths[i] positions, copied from row source_rows[i]
-        of `source` (a cache of the same model, e.g. the prefill of a new prompt); lengths of 0 need
-        no source. From then on the cache is filled row by row (see the class docstring)."""
+        of `source` (a cache of the same model, e.g. a new prompt's prefill; lengths of 0 need none).
+        From then on the cache is filled row by row."""
+        device = self.k[0].device
         if self.row_lengths is None:
-            self.row_lengths = torch.full((self.batch_size,), self.length, device=self.k[0].device)
-        rows = torch.as_tensor(rows, device=self.k[0].device)
+            self.row_lengths = torch.full((self.batch_size,), self.length, device=device)
+        rows = torch.as_tensor(rows, device=device)
         if source is not None and source.length:
-            n, source_rows = source.length, torch.as_tensor(source_rows, device=self.k[0].device)
+            n, source_rows = source.length, torch.as_tensor(source_rows, device=device)
             for mine, theirs in zip(self.k + self.v, source.k + source.v):
                 mine[rows, :, :n] = theirs[source_rows, :, :n]  # past a row's length: masked, then overwritten
-        self.row_lengths[rows] = torch.as_tensor(lengths, device=self.k[0].device)
+        self.row_lengths[rows] = torch.as_tensor(lengths, device=device)
         self.length = int(self.row_lengths.max())
         return self
 
@@ -215,8 +204,7 @@ class KVCache:
             self.row_lengths = self.row_lengths[index]
             self.length = int(self.row_lengths.max()) if len(index) else 0
         if len(index) != self.batch_size:
-            self.k = [k.index_select(0, index) for k in self.k]
-            self.v = [v.index_select(0, index) for v in self.v]
+            self.k, self.v = ([x.index_select(0, index) for x in xs] for xs in (self.k, self.v))
             self._scratch = None
             return self
         if self._scratch is None:
@@ -228,8 +216,7 @@ class KVCache:
         return self
 
     def expand(self, n: int) -> "KVCache":
-        self.k = [k.repeat_interleave(n, dim=0) for k in self.k]
-        self.v = [v.repeat_interleave(n, dim=0) for v in self.v]
+        self.k, self.v = ([x.repeat_interleave(n, dim=0) for x in xs] for xs in (self.k, self.v))
         if self.row_lengths is not None:
             self.row_lengths = self.row_lengths.repeat_interleave(n)
         self._scratch = None
@@ -336,22 +323,19 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())  # parameters() counts tied weights once
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> KVCache:
-        ref = self.tok_emb.weight
-        cfg = self.config
-        return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, cfg.head_dim, max_len,
-                       dtype or ref.dtype, device or ref.device)
+        cfg, ref = self.config, self.tok_emb.weight
+        return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, cfg.head_dim, max_len, dtype or ref.dtype,
+                       device or ref.device)
 
     def _attention_mask(self, attention_mask, T, past, device, row_positions=None):
         """Boolean (B or 1, 1, T, past+T) mask of allowed keys, or None when SDPA's is_causal suffices.
         row_positions (B, T): each query's own position, for a cache filled row by row."""
-        S = past + T
-        window = self.config.sliding_window
+        S, window = past + T, self.config.sliding_window
         windowed = window is not None and S > window
         if attention_mask is None and row_positions is None and (past == 0 or T == 1) and not windowed:
             return None
         if attention_mask is not None and attention_mask.shape[-1] != S:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected "
-                             f"cached + new = {past} + {T} = {S}")
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected cached + new = {S}")
         if row_positions is None:
             q_pos = torch.arange(past, S, device=device)[:, None]
         else:  # (B, 1, T, 1): a row's keys past its own position are another sequence's, or empty
@@ -362,17 +346,14 @@ class Transformer(nn.Module):
             allowed = allowed & (k_pos > q_pos - window)
         if attention_mask is not None:
             allowed = allowed & attention_mask[:, None, None, :].bool()
-        # A query on a padding position may see no key at all; letting it see itself keeps the
-        # softmax finite (its output is never used).
-        return allowed | (k_pos == q_pos)
+        return allowed | (k_pos == q_pos)  # a padding query may see no key: seeing itself keeps the softmax finite
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
         """Final-normed hidden states (B, T, d_model) for the new tokens `input_ids` (B, T).
 
-        attention_mask: (B, cached + T) of 1 = token, 0 = padding. position_ids: (B, T); if None they
-        are cumsum(attention_mask) - 1 (so left padding does not shift positions), or simply
-        cached .. cached + T - 1 without a mask. A cache filled row by row sets both itself.
-        """
+        attention_mask: (B, cached + T) of 1 = token, 0 = padding. position_ids: (B, T); if None,
+        cumsum(attention_mask) - 1 (left padding does not shift positions), or cached .. cached + T - 1
+        without a mask. A cache filled row by row sets both itself."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         by_row = cache is not None and cache.row_lengths is not None
@@ -381,11 +362,10 @@ class Transformer(nn.Module):
                              "pass no attention_mask or position_ids")
         if by_row:
             position_ids = cache.positions(T)
+        elif position_ids is None and attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         elif position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            else:
-                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         mask = self._attention_mask(attention_mask, T, past, input_ids.device, position_ids if by_row else None)
         is_causal = mask is None and past == 0 and T > 1
         x = self.tok_emb(input_ids)
@@ -401,19 +381,14 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids, targets=None, attention_mask=None, position_ids=None, cache=None,
                 ignore_index: int = -100, label_smoothing: float = 0.0):
-        """Returns (logits (B, T, vocab), loss or None).
-
-        `targets` (B, T) must already be aligned with the logits: targets[:, t] is the token that
-        logits[:, t] should predict (for language modelling the caller passes input_ids shifted
-        left by one, with ignore_index where there is nothing to predict). The loss is the mean
-        cross-entropy over all non-ignored positions, computed in fp32.
-        """
+        """Returns (logits (B, T, vocab), loss or None). `targets` (B, T) are aligned with the logits:
+        targets[:, t] is what logits[:, t] predicts (for language modelling, input_ids shifted left by
+        one, ignore_index where there is nothing to predict); loss: mean fp32 cross-entropy over the rest."""
         logits = self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index,
-                                   label_smoothing=label_smoothing)
-        return logits, loss
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index,
+                                       label_smoothing=label_smoothing)
 
     def loss(self, input_ids, targets, attention_mask=None, ignore_index: int = -100, label_smoothing: float = 0.0):
         """forward's loss, without the logits: the lm_head and the cross-entropy run only where targets
@@ -427,16 +402,12 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, eos_token_id=None, attention_mask=None):
-        """Greedy decoding with a KV cache. Batched prompts must be LEFT-padded (with attention_mask).
-
-        Returns (B, T + n) ids, n <= max_new_tokens; a row that emitted eos_token_id (int or list)
-        is padded with that eos id until every row is done.
-        """
-        B, T = input_ids.shape
-        mask = attention_mask  # None: no padding, and no mask to build at every step
+        """Greedy decoding with a KV cache; batched prompts LEFT-padded (with attention_mask). Returns
+        (B, T + n) ids, n <= max_new_tokens; a row that emitted eos_token_id (int or list) is padded
+        with that eos id until every row is done."""
+        (B, T), mask = input_ids.shape, attention_mask  # None: no padding, and no mask to build at every step
         eos = None if eos_token_id is None else torch.tensor(eos_token_id, device=input_ids.device).flatten()
-        cache = self.new_cache(B, T + max_new_tokens)
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        cache, done = self.new_cache(B, T + max_new_tokens), torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         out, step = input_ids, input_ids
         for _ in range(max_new_tokens):
             h = self.hidden_states(step, attention_mask=mask, cache=cache)

@@ -83,7 +83,7 @@ def init_distributed():
 
 
 def start_run(config: TrainConfig) -> Run:
-    """The process, the device and the precision (eval.run_precision: the same rule as `eval.py
+    """The process, the device and the precision (runs.run_precision: the same rule as `eval.py
     --checkpoint`, so a run scores the same both ways); the run directory; the seed."""
     run = Run(config, *init_distributed())
     run.amp_dtype, run.base_dtype = evaluation.run_precision(config.dtype, run.device_type, config.method)
