@@ -63,6 +63,8 @@ class TrainConfig:
     truncation: int = None                # triplets dropped per layer; None: r (the paper), 0: no truncation
     untruncated_targets: tuple = ()       # targets KaSA adapts without truncating (those the report shows it hurts)
     learn_sigma: bool = True              # False: Δσ fixed at 1 (ablation)
+    truncation_criterion: str = "sigma"   # sigma: drop the smallest σ (the paper) | activation: the least output energy on calibration inputs
+    calibration_batches: int = 4          # training batches (the seed's first) whose inputs E[xxᵀ] the activation criterion and the report use
     truncation_report: bool = True        # measure what the SVD truncation costs before training (kasa.py)
     beta: float = 1e-4                    # weight of L2 = Σ‖Δσ‖²                      (Eq. 11)
     gamma: float = 1e-3                   # weight of L3 = Σ‖BᵀB − I‖² + ‖AAᵀ − I‖²      (Eq. 11)
@@ -149,6 +151,12 @@ def parse_config(argv=None) -> TrainConfig:
         parser.error(f"unknown task {task!r}; choose one of {sorted(PRESETS)}")
     if args.method is not None and args.method not in METHODS:
         parser.error(f"unknown method {args.method!r}; choose one of {list(METHODS)}")
+    if args.truncation_criterion not in (None, *kasa.TRUNCATION_CRITERIA):
+        parser.error(f"unknown --truncation-criterion {args.truncation_criterion!r}; choose one of "
+                     f"{list(kasa.TRUNCATION_CRITERIA)}")
+    if args.calibration_batches is not None and args.calibration_batches < (args.truncation_criterion == "activation"):
+        parser.error(f"--calibration-batches {args.calibration_batches}: must be >= 0, and >= 1 with "
+                     "--truncation-criterion activation")
     given = {k: v for k, v in vars(args).items() if v is not None}
     values = {**PRESETS[task], **given}
     if values.get("method", TrainConfig.method) != "kasa":
@@ -197,17 +205,22 @@ def init_from_principal_or_minor_components(model: nn.Module, which: str):
         layer.kasa_A.copy_(root[:, None] * Vh[part])
         layer.kasa_dropped_US = (U[:, part] * S[part]).contiguous()
         layer.kasa_dropped_Vt = Vh[part].contiguous()
+        layer.kasa_dropped_index = torch.arange(S.shape[0], device=S.device)[part]
         layer.weight.copy_(W - layer.kasa_dropped_US @ layer.kasa_dropped_Vt)
 
 
-def adapt_model(model: nn.Module, config: TrainConfig) -> list:
-    """Apply the method to the model; returns the adapted layer names (empty for full fine-tuning)."""
+def adapt_model(model: nn.Module, config: TrainConfig, calibration: dict = None) -> list:
+    """Apply the method to the model; returns the adapted layer names (empty for full fine-tuning).
+    calibration: E[xxᵀ] per target layer, for --truncation-criterion activation."""
     if config.method == "full":
         for p in model.parameters():
             p.requires_grad = True
         return []
     targets = resolve_targets(config.targets, model)
-    switches = {"kasa": dict(truncation=config.truncation, learn_sigma=config.learn_sigma)}.get(
+    by_activation = config.truncation_criterion == "activation"
+    switches = {"kasa": dict(truncation=config.truncation, learn_sigma=config.learn_sigma,
+                             truncation_criterion=config.truncation_criterion,
+                             calibration=calibration if by_activation else None)}.get(
         config.method, dict(truncation=0, learn_sigma=False))  # LoRA, PiSSA, MiLoRA: no truncation, no σ
     untruncated = tuple(t for t in config.untruncated_targets if t in targets)
     if config.untruncated_targets and (len(untruncated) != len(config.untruncated_targets) or config.method != "kasa"):
@@ -234,7 +247,22 @@ def text_loss(model, batch) -> torch.Tensor:
     return model.loss(input_ids[:, :-1], targets, attention_mask=mask[:, :-1])
 
 
-def report_truncation(model, probe_batches: list, device, amp_dtype, out_dir: Path) -> dict:
+def calibration_statistics(model, task, config: TrainConfig, device, amp_dtype) -> dict:
+    """E[xxᵀ] of every target layer's inputs (kasa.collect_input_statistics) on the first
+    --calibration-batches batches of the seed's order (epoch 0's), each example alone (no padding)."""
+    examples = task.train_examples[:config.max_train_examples or None]
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed))
+    chosen = [examples[i] for i in order[:config.calibration_batches * config.batch_size].tolist()]
+
+    def run_batches():
+        for example in chosen:
+            batch = task.collate([example])
+            with torch.autocast(device.split(":")[0], dtype=amp_dtype, enabled=amp_dtype is not None):
+                model.hidden_states(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    return kasa.collect_input_statistics(model, resolve_targets(config.targets, model), run_batches)
+
+
+def report_truncation(model, probe_batches: list, device, amp_dtype, out_dir: Path, calibration: dict = None) -> dict:
     """Step 1's cost on this model, measured before training (kasa.truncation_report), printed worst
     layers first and saved as RUN_DIR/truncation_report.json. It only reports: a warning names the
     layers and the flags that avoid them (--targets, --truncation 0), and the run goes on as configured."""
@@ -243,7 +271,7 @@ def report_truncation(model, probe_batches: list, device, amp_dtype, out_dir: Pa
     def compute_loss():
         with torch.autocast(device.split(":")[0], dtype=amp_dtype, enabled=amp_dtype is not None):
             return sum(text_loss(model, batch).float() for batch in batches) / len(batches)
-    report = kasa.truncation_report(model, compute_loss)
+    report = kasa.truncation_report(model, compute_loss, calibration=calibration)
     print(kasa.format_truncation_report(report), flush=True)
     write_text_atomic(out_dir / "truncation_report.json", json.dumps(report, indent=1))
     return report
@@ -438,12 +466,16 @@ def main(argv=None):
             changed = {k: v for k, v in dataclasses.asdict(config).items() if resumed["config"].get(k) != v}
             log(f"note: resuming with changed settings {changed}")
     task = TASKS[config.task](config, model, tokenizer)
-    replaced = adapt_model(model, config) if resumed is None or config.method == "full" else \
+    calibration = None  # both criteria's inputs: the activation criterion's, and the report's side by side
+    if resumed is None and config.method == "kasa" and config.calibration_batches > 0 and (
+            config.truncation_criterion == "activation" or config.truncation_report):
+        calibration = calibration_statistics(model, task, config, device, amp_dtype)
+    replaced = adapt_model(model, config, calibration) if resumed is None or config.method == "full" else \
         kasa.load_kasa_state_dict(model, resumed["adapter"], dropout=config.adapter_dropout)
     if resumed is not None and config.method == "full":
         model.load_state_dict(resumed["model"])
     if resumed is None and config.method == "kasa" and config.truncation_report and is_main:
-        report_truncation(model, task.probe_batches, device, amp_dtype, out_dir)
+        report_truncation(model, task.probe_batches, device, amp_dtype, out_dir, calibration)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if task.head is not None:  # outside the model, so apply_kasa's freezing leaves it trainable
         if resumed is not None:
