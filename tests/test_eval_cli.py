@@ -184,7 +184,8 @@ def test_run_precision_follows_the_runs_dtype():
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     assert evaluation.run_precision("auto", "cpu") == (None, fp32)
     assert evaluation.run_precision("float32", "cuda") == (None, fp32)
-    assert evaluation.run_precision("bfloat16", "cpu") == (bf16, fp32)      # autocast only: the base stays fp32
+    assert evaluation.run_precision("bfloat16", "cpu") == (bf16, bf16)      # the frozen base in bf16 on the CPU too
+    assert evaluation.run_precision("float16", "cpu") == (fp16, fp32)      # fp16 on the CPU: autocast only
     assert evaluation.run_precision("float16", "cuda") == (fp16, fp16)      # the frozen base in half precision
     assert evaluation.run_precision("float16", "cuda", "full") == (fp16, fp32)  # trained weights stay fp32
     with pytest.raises(errors.ConfigError, match="float8"):

@@ -139,7 +139,9 @@ def test_warning_names_the_worst_layer_and_how_to_exclude_it():
     assert [row["delta_loss"] for row in report["layers"]] == [pytest.approx(v_cost, abs=1e-6), 0.0]
     warning = report["warning"]
     assert "worst layers: v_proj" in warning and "q_proj +0.000" in warning
-    assert "--targets q_proj" in warning and "--truncation 0" in warning
+    assert "targets=('q_proj',)" in warning and "truncation=0" in warning   # kasa.py's own API, no train.py flags
+    assert "--" not in warning
+    assert report["harmless_targets"] == ["q_proj"] and report["harmful_targets"] == ["v_proj"]
 
     text = kasa.format_truncation_report(report, top=1)
     lines = text.splitlines()

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import errors
 import kasa
 import train
 
@@ -92,7 +93,7 @@ def test_untruncated_targets_keep_their_full_weight(tiny_gpt2_dir):
     S = torch.linalg.svdvals(q.weight.double())
     assert S[-4:].max() < 1e-5 * S[0] < S[-5]   # rank k − r
     assert q.kasa_sigma.requires_grad and v.kasa_sigma.requires_grad
-    with pytest.raises(SystemExit, match="untruncated-targets"):
+    with pytest.raises(errors.ConfigError, match="untruncated-targets"):
         train.adapt_model(load_pretrained(tiny_gpt2_dir)[0], train.TrainConfig(untruncated_targets=("k_proj",)))
 
 
@@ -130,3 +131,41 @@ def test_max_steps_0_scores_the_untuned_model(tiny_gpt2_dir, shared_data, tmp_pa
                                   "--max-eval-examples", "2", "--num-beams", "1", "--max-new-tokens", "4"))
     assert metrics["train_steps"] == 0 and 0 <= metrics["BLEU"] <= 1
     assert json.loads((tmp_path / "history.json").read_text()) == [] and not (tmp_path / "plots").exists()
+
+
+def test_group_by_length_is_a_seeded_shuffle_with_little_padding(shared_data):
+    """--group-by-length: every example once per epoch, batches of similar length (padding on the real
+    E2E dev lengths drops from about a quarter of all positions to a few percent), the order a function
+    of (seed, epoch) alone (so --resume is exact); without it, the plain seeded randperm of before."""
+    from model import load_tokenizer
+    import data
+    tokenizer = load_tokenizer(shared_data / "gpt2-tokenizer")
+    rows = data.load_e2e_split(shared_data / "e2e" / "original" / "devset.csv")[:1200]
+    lengths = [len(data.encode_e2e_example(tokenizer, ex.mr, ex.ref, 50256, 512)[0]) for ex in rows]
+
+    def padding(batches):
+        return 1 - sum(lengths[i] for b in batches for i in b) / sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    plain = train.epoch_batches(lengths, 8, seed=3, epoch=1, group_by_length=False)
+    expected = torch.randperm(1200, generator=torch.Generator().manual_seed(4)).tolist()
+    assert [i for b in plain for i in b] == expected and all(len(b) == 8 for b in plain)
+    grouped = train.epoch_batches(lengths, 8, seed=3, epoch=1, group_by_length=True)
+    assert sorted(i for b in grouped for i in b) == list(range(1200)) and len(grouped) == 150
+    assert grouped == train.epoch_batches(lengths, 8, seed=3, epoch=1, group_by_length=True)
+    assert grouped != train.epoch_batches(lengths, 8, seed=3, epoch=2, group_by_length=True)
+    assert padding(plain) > 0.15 and padding(grouped) < 0.05
+    # batches are sorted within chunks of 50, then shuffled: neighbours in the epoch are not sorted
+    assert [max(lengths[i] for i in b) for b in grouped] != sorted((max(lengths[i] for i in b) for b in grouped), reverse=True)
+
+
+def test_the_truncation_warning_adds_train_py_flags(tmp_path, monkeypatch, capsys):
+    """kasa.py's warning speaks of its own API; train.py prints its own flags after it."""
+    report = {"loss_original": 1.0, "loss_truncated": 1.5, "warning": "truncation raises the loss",
+              "layers": [{"name": f"blocks.{i}.attn.{p}", "truncation": 4, "dropped_sigma": [0.1], "energy_share": 0.0,
+                          "delta_loss": 0.2 if p == "v_proj" else 0.0, "kept_sigma": []}
+                         for i in range(2) for p in ("q_proj", "v_proj")]}
+    monkeypatch.setattr(kasa, "truncation_report", lambda model, compute_loss: report)
+    assert train.report_truncation(None, [], "cpu", None, tmp_path) is report
+    printed = capsys.readouterr().out
+    assert "WARNING: truncation raises the loss" in printed
+    assert "With train.py: --targets q_proj, or --untruncated-targets v_proj, or --truncation 0." in printed
+    assert json.loads((tmp_path / "truncation_report.json").read_text()) == report
