@@ -728,10 +728,15 @@ def truncate_by_output_energy(weight: torch.Tensor, r: int, second_moment: torch
         return (*truncate_minor_components(weight, 0), torch.zeros(0, dtype=torch.int64, device=weight.device))
     U, S, Vh, scores = output_energy_scores(weight, second_moment)
     index = scores.argsort()[:r].sort().values
+    return (*_drop_triplets(weight, U, S, Vh, index), index)
+
+
+def _drop_triplets(weight: torch.Tensor, U, S, Vh, index):
+    """(W_world, dropped_US, dropped_Vt) for the triplets `index` of the SVD U diag(S) Vh of weight."""
     dropped_US = (U[:, index] * S[index]).to(svd_dtype(weight)).contiguous()
     dropped_Vt = Vh[index].to(svd_dtype(weight)).contiguous()
     W_world = weight.detach().to(svd_dtype(weight)) - dropped_US @ dropped_Vt
-    return W_world.to(weight.dtype), dropped_US, dropped_Vt, index
+    return W_world.to(weight.dtype), dropped_US, dropped_Vt
 
 
 def calibration_problem(name: str, weight: torch.Tensor, calibration) -> KaSAError:
@@ -834,7 +839,7 @@ def _criteria_weights(layer: "KaSALinear", second_moment: torch.Tensor) -> dict:
     for the layer's own t under each criterion; the layer's own Parameter where its set is the same."""
     base = layer.restore_base()
     W, t = out_in_weight(base), layer.kasa_dropped_Vt.shape[0]
-    _, _, _, scores = output_energy_scores(W, second_moment)
+    U, S, Vh, scores = output_energy_scores(W, second_moment)            # one SVD for both sets
     k = scores.numel()
     weights = {}
     for criterion, index in (("sigma", torch.arange(k - t, k, device=W.device)),
@@ -842,8 +847,7 @@ def _criteria_weights(layer: "KaSALinear", second_moment: torch.Tensor) -> dict:
         if torch.equal(index.cpu(), layer.kasa_dropped_index.cpu()):
             weight = layer.weight
         else:
-            W_world = truncate_minor_components(W, t)[0] if criterion == "sigma" else \
-                truncate_by_output_energy(W, t, second_moment)[0]
+            W_world = _drop_triplets(W, U, S, Vh, index)[0]
             weight = nn.Parameter(W_world.T.contiguous() if layer.fan_in_fan_out else W_world, requires_grad=False)
         weights[criterion] = weight, index.tolist(), (scores[index].sum() / scores.sum()).item()
     return weights
