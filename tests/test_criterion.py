@@ -206,5 +206,12 @@ def test_train_flags_calibrate_deterministically_and_resume(tiny_gpt2_dir, share
     report = json.loads((tmp_path / "a" / "truncation_report.json").read_text())
     assert all(row["criteria"]["activation"]["dropped_index"] == row["dropped_index"] for row in report["layers"])
     train.main([*args, "--max-steps", "2", "--save-every", "1", "--out-dir", str(tmp_path / "a"), "--resume"])
-    with pytest.raises(SystemExit):
-        train.parse_config(["--truncation-criterion", "energy"])
+    from errors import ConfigError
+    for argv, message in ((["--truncation-criterion", "energy"], "unknown; choose one of sigma, activation"),
+                          (["--truncation-criterion", "activation", "--method", "lora"], "needs --method kasa"),
+                          (["--truncation-criterion", "activation", "--calibration-batches", "0"], "≥ 1")):
+        with pytest.raises(ConfigError, match=message):
+            train.parse_config(argv)
+    saved = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["config"]
+    fixed, _ = train.resume_differences(saved, train.parse_config([*args, "--truncation-criterion", "sigma"]))
+    assert any(line.startswith("--truncation-criterion activation -> sigma") for line in fixed)
