@@ -16,8 +16,10 @@ For a frozen linear weight W (out x in, k = min(out, in)) and a rank r, KaSA doe
          L = L_task + β · ‖Δσ‖²  +  γ · (‖ΔUᵀΔU − I_r‖²_F + ‖ΔVᵀΔV − I_r‖²_F)  -> kasa_regularization
   4. For inference, merge W_world + ΔW into one matrix: zero added latency.    -> KaSALinear.merge
 
-After them, past a marked divider: saving and loading an adapter, LoRA export, and an optional
-report of what step 1 cost (truncation_report).
+After them, past a marked divider: saving and loading an adapter, LoRA export, an optional
+data-aware criterion for step 1 (not the paper's: apply_kasa(..., truncation_criterion='activation',
+calibration=collect_input_statistics(...)) drops the triplets adding the least output energy on
+real inputs), and an optional report of what step 1 cost (truncation_report).
 
 Usage:
 
