@@ -16,8 +16,10 @@ For a frozen linear weight W (out x in, k = min(out, in)) and a rank r, KaSA doe
          L = L_task + β · ‖Δσ‖²  +  γ · (‖ΔUᵀΔU − I_r‖²_F + ‖ΔVᵀΔV − I_r‖²_F)  -> kasa_regularization
   4. For inference, merge W_world + ΔW into one matrix: zero added latency.    -> KaSALinear.merge
 
-After them, past a marked divider: saving and loading an adapter, LoRA export, and an optional
-report of what step 1 cost (truncation_report).
+After them, past a marked divider: saving and loading an adapter, LoRA export, an optional
+data-aware criterion for step 1 (not the paper's: apply_kasa(..., truncation_criterion='activation',
+calibration=collect_input_statistics(...)) drops the triplets adding the least output energy on
+real inputs), and an optional report of what step 1 cost (truncation_report).
 
 Usage:
 
@@ -60,6 +62,7 @@ __all__ = [
     "KaSAError",
     "KaSALinear",
     "apply_kasa",
+    "collect_input_statistics",
     "kasa_regularization",
     "kasa_state_dict",
     "load_kasa_state_dict",
@@ -306,18 +309,22 @@ class KaSALinear(nn.Module):
       kasa_B      (out, r)   trainable ΔU, float32, zeros so that ΔW = 0 at step 0
       kasa_sigma  (r,)       trainable Δσ (the knowledge-aware singular values), float32, N(0, 1)
       kasa_dropped_US (out, t), kasa_dropped_Vt (t, in)   buffers: the dropped triplets U_t Σ_t, V_tᵀ
+      kasa_dropped_index (t,)  buffer: their positions in W's σ-descending SVD (the paper: k-t .. k-1)
       kasa_fingerprint (2,)  buffer: base_fingerprint of the original W
 
     The paper drops t = r triplets and trains σ. Two switches exist for ablations, and change
     nothing else: `truncation` sets t (0 switches step 1 off), and `learn_sigma=False` fixes
     σ = 1 (step 2 without knowledge-aware singular values). With both off the layer is LoRA.
+    `second_moment` (E[xxᵀ] of the layer's inputs, in x in) switches step 1 to the data-aware
+    criterion, truncate_by_output_energy; `dropped` = (U_t Σ_t, V_tᵀ[, index]) loads a saved set.
 
     The adapter stays float32 when the base is bf16/fp16 (it is the optimizer's master copy);
     under autocast its matmuls run in the autocast dtype like every other layer's.
     """
 
     def __init__(self, base: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                 truncation: int = None, learn_sigma: bool = True, dropped: tuple = None):
+                 truncation: int = None, learn_sigma: bool = True, dropped: tuple = None,
+                 second_moment: torch.Tensor = None):
         super().__init__()
         if dropped is not None:
             truncation = dropped[1].shape[0]                        # a saved truncation (no SVD)
@@ -333,15 +340,21 @@ class KaSALinear(nn.Module):
         self.merged = False
 
         # Step 1 (§3.1): knowledge-based SVD truncation, or the saved factors of an earlier one.
-        if dropped is None:
-            W_world, dropped_US, dropped_Vt = truncate_minor_components(W, r if truncation is None else truncation)
-        else:
-            dropped_US, dropped_Vt = (t.to(W.device, svd_dtype(W)) for t in dropped)
+        t, k = r if truncation is None else truncation, min(W.shape)
+        index = torch.arange(k - t, k, device=W.device)             # the paper's: the t smallest σ
+        if dropped is not None:
+            dropped_US, dropped_Vt = (f.to(W.device, svd_dtype(W)) for f in dropped[:2])
             W_world = (W.detach().to(svd_dtype(W)) - dropped_US @ dropped_Vt).to(W.dtype)
+            index = index if len(dropped) < 3 or dropped[2] is None else dropped[2]   # older adapters: σ
+        elif second_moment is not None:
+            W_world, dropped_US, dropped_Vt, index = truncate_by_output_energy(W, t, second_moment)
+        else:
+            W_world, dropped_US, dropped_Vt = truncate_minor_components(W, t)
         self.weight = nn.Parameter(W_world.T.contiguous() if self.fan_in_fan_out else W_world, requires_grad=False)
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
         self.register_buffer("kasa_dropped_US", dropped_US)
         self.register_buffer("kasa_dropped_Vt", dropped_Vt)
+        self.register_buffer("kasa_dropped_index", index.to(W.device, torch.int64))
         self.register_buffer("kasa_fingerprint", base_fingerprint(W).to(W.device))
 
         # Step 2 (§3.2): the trainable update ΔW = ΔU diag(Δσ) ΔVᵀ = B diag(σ) A.
@@ -455,27 +468,44 @@ def _raise_first_kind(problems: list):
         raise type(problems[0])("; ".join(shown))
 
 
-def apply_kasa(model: nn.Module, targets=("q_proj", "v_proj"), r: int = 8, alpha: float = 16.0,
-               dropout: float = 0.0, *, truncation: int = None, learn_sigma: bool = True) -> list:
-    """Replace every nn.Linear (or GPT-2 Conv1D) whose qualified name ends with one of `targets` by a KaSALinear.
-
-    Everything else is frozen; only kasa_A, kasa_B and kasa_sigma train. Returns the replaced names.
-    `truncation` and `learn_sigma` are ablation switches (see KaSALinear); the defaults are the paper's.
-    Every target is checked before any is replaced: on an error the model is left as it was.
-    """
-    if isinstance(targets, str):
-        targets = (targets,)
-    matched = [name for name, _ in model.named_modules()
-               if any(name == t or name.endswith("." + t) for t in targets)]
+def _target_names(model: nn.Module, targets) -> list:
+    """The qualified names of the modules that end with one of `targets` (a name or a tuple of names)."""
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    matched = [name for name, _ in model.named_modules() if any(name == t or name.endswith("." + t) for t in targets)]
     if not matched:
         linear_names = sorted({n.rpartition(".")[2] for n, m in model.named_modules()
                                if isinstance(m, nn.Linear) or is_conv1d(m)})
         raise KaSAError(f"no module name ends with any of targets={list(targets)}; the model's linear layers "
                         f"are named: {linear_names}: pass some of those as apply_kasa(model, targets=...)")
+    return matched
+
+
+def apply_kasa(model: nn.Module, targets=("q_proj", "v_proj"), r: int = 8, alpha: float = 16.0,
+               dropout: float = 0.0, *, truncation: int = None, learn_sigma: bool = True,
+               truncation_criterion: str = "sigma", calibration: dict = None) -> list:
+    """Replace every nn.Linear (or GPT-2 Conv1D) whose qualified name ends with one of `targets` by a KaSALinear.
+
+    Everything else is frozen; only kasa_A, kasa_B and kasa_sigma train. Returns the replaced names.
+    `truncation` and `learn_sigma` are ablation switches (see KaSALinear); the defaults are the paper's.
+    truncation_criterion: which triplets step 1 drops: 'sigma', the smallest σ (the paper), or
+    'activation', the least output energy σ_i² v_iᵀ E[xxᵀ] v_i on calibration inputs (not in the
+    paper; truncate_by_output_energy), with calibration = collect_input_statistics(...)'s dict.
+    Every target is checked before any is replaced: on an error the model is left as it was.
+    """
+    if truncation_criterion not in TRUNCATION_CRITERIA:
+        raise KaSAError(f"unknown truncation_criterion {truncation_criterion!r}: use one of {list(TRUNCATION_CRITERIA)}")
+    if (calibration is not None) != (truncation_criterion == "activation"):
+        raise KaSAError("calibration (E[xxᵀ] per layer) is what truncation_criterion='activation' ranks by, and only "
+                        "it: pass both, or neither for the paper's criterion")
+    matched = _target_names(model, targets)
     problems = [check_target(name, model.get_submodule(name), r, truncation) for name in matched]
+    if calibration is not None:
+        problems += [calibration_problem(name, out_in_weight(model.get_submodule(name)), calibration)
+                     for name, problem in zip(matched, problems) if problem is None]
     _raise_first_kind([p for p in problems if p is not None])
     _replace_all_or_none(model, matched, lambda name, module: KaSALinear(
-        module, r=r, alpha=alpha, dropout=dropout, truncation=truncation, learn_sigma=learn_sigma))
+        module, r=r, alpha=alpha, dropout=dropout, truncation=truncation, learn_sigma=learn_sigma,
+        second_moment=None if calibration is None else calibration[name]))
     _freeze_all_but_kasa(model)
     return matched
 
@@ -518,7 +548,7 @@ def unmerge_kasa(model: nn.Module):
 
 
 def kasa_state_dict(model: nn.Module) -> dict:
-    """The adapter: trainable factors, dropped triplets and base fingerprint of every KaSA layer.
+    """The adapter: trainable factors, dropped triplets (and their SVD positions), base fingerprint.
 
     Plain tensors keyed `<layer>.<name>`, so torch.save and safetensors both store it. Also
     holds `<layer>.kasa_alpha` and `<layer>.kasa_learn_sigma`, so the adapter reloads with the
@@ -535,7 +565,8 @@ def kasa_state_dict(model: nn.Module) -> dict:
 
 
 ADAPTER_KEYS = ("kasa_A", "kasa_B", "kasa_sigma", "kasa_dropped_US", "kasa_dropped_Vt",
-                "kasa_fingerprint", "kasa_alpha", "kasa_learn_sigma")
+                "kasa_fingerprint", "kasa_alpha", "kasa_learn_sigma", "kasa_dropped_index")
+REQUIRED_KEYS = ADAPTER_KEYS[:8]          # adapters saved before kasa_dropped_index dropped the t smallest σ
 
 
 def _adapter_by_layer(state: dict, model: nn.Module) -> dict:
@@ -549,7 +580,7 @@ def _adapter_by_layer(state: dict, model: nn.Module) -> dict:
         by_layer.setdefault(layer_name, {})[param] = tensor
     if not by_layer:
         raise KaSAKeyError("the KaSA state dict is empty: pass the dict that kasa_state_dict returned")
-    missing = [f"{n}.{p}" for n, tensors in by_layer.items() for p in ADAPTER_KEYS if p not in tensors]
+    missing = [f"{n}.{p}" for n, tensors in by_layer.items() for p in REQUIRED_KEYS if p not in tensors]
     if missing:
         raise KaSAKeyError(f"the KaSA state dict is missing tensors: {missing}: the file is incomplete; "
                            "save it again with kasa_state_dict")
@@ -572,14 +603,19 @@ def _adapter_shape_problems(name: str, tensors: dict, out_features: int, in_feat
     r, t, k = tensors["kasa_sigma"].numel(), tensors["kasa_dropped_Vt"].shape[0], min(out_features, in_features)
     expected = {"kasa_A": (r, in_features), "kasa_B": (out_features, r), "kasa_sigma": (r,),
                 "kasa_dropped_US": (out_features, t), "kasa_dropped_Vt": (t, in_features),
-                "kasa_fingerprint": (2,), "kasa_alpha": (), "kasa_learn_sigma": ()}
+                "kasa_fingerprint": (2,), "kasa_alpha": (), "kasa_learn_sigma": (), "kasa_dropped_index": (t,)}
     problems = [KaSAError(f"{name}.{key} has shape {tuple(tensors[key].shape)}, but a rank-{r} adapter with "
                           f"truncation {t} of this {out_features}x{in_features} layer needs {shape}: the adapter "
                           "was made for another model or rank, or the file is corrupt")
-                for key, shape in expected.items() if tuple(tensors[key].shape) != shape]
+                for key, shape in expected.items() if key in tensors and tuple(tensors[key].shape) != shape]
     if not 1 <= r or not 0 <= t < k:
         problems.append(KaSAError(f"{name}: rank {r} and truncation {t} must satisfy 1 <= r and 0 <= t < {k}: "
                                   "the adapter file is corrupt; save it again with kasa_state_dict"))
+    index = tensors.get("kasa_dropped_index")
+    if index is not None and not problems and (index.is_floating_point() or index.unique().numel() != t
+                                               or (t and not 0 <= int(index.min()) <= int(index.max()) < k)):
+        problems.append(KaSAError(f"{name}.kasa_dropped_index must be {t} distinct integers in [0, {k}), got "
+                                  f"{index.tolist()[:8]}: the file is corrupt; save it again with kasa_state_dict"))
     for key in ADAPTER_KEYS[:7]:
         tensor = tensors[key]
         if not tensor.is_floating_point():
@@ -634,7 +670,8 @@ def load_kasa_state_dict(model: nn.Module, state: dict, dropout: float = 0.0) ->
         tensors = by_layer[name]
         layer = KaSALinear(bases[name], r=tensors["kasa_sigma"].numel(), alpha=float(tensors["kasa_alpha"]),
                            dropout=dropout, learn_sigma=bool(tensors["kasa_learn_sigma"]),
-                           dropped=(tensors["kasa_dropped_US"], tensors["kasa_dropped_Vt"]))
+                           dropped=(tensors["kasa_dropped_US"], tensors["kasa_dropped_Vt"],
+                                    tensors.get("kasa_dropped_index")))
         for param in ("kasa_A", "kasa_B", "kasa_sigma"):
             getattr(layer, param).copy_(tensors[param])
         return layer
@@ -662,6 +699,100 @@ def lora_factors(layer: KaSALinear):
 
 
 # =============================================================================================
+# Optional: a data-aware truncation criterion (not the paper's)
+#
+# Step 1 assumes the smallest σ carry the least knowledge. What a triplet contributes to the
+# layer's output on real inputs is σ_i² E[(v_iᵀx)²], not σ_i²: inputs may be concentrated along
+# exactly the directions with small σ. truncation_criterion='activation' ranks by that instead.
+
+
+TRUNCATION_CRITERIA = ("sigma", "activation")
+
+
+def output_energy_scores(weight: torch.Tensor, second_moment: torch.Tensor):
+    """(U, S, Vh, scores) of W = U diag(S) Vh in float64, score_i = σ_i² v_iᵀ E[xxᵀ] v_i = E[(σ_i v_iᵀx)²].
+
+    score_i is the energy triplet i adds to the layer's output on the inputs E[xxᵀ] was measured on:
+    the u_i are orthonormal, so E‖W_D x‖² = Σ_{i∈D} score_i for any set D of triplets, and dropping
+    the r lowest scores removes the least output energy of all r-subsets. With white inputs
+    (E[xxᵀ] ∝ I) score_i ∝ σ_i²: the paper's criterion. Runs a full SVD (the paper's step 1 does too)."""
+    U, S, Vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
+    C = second_moment.to(weight.device, torch.float64)
+    return U, S, Vh, S.square() * ((Vh @ C) * Vh).sum(dim=1)
+
+
+def truncate_by_output_energy(weight: torch.Tensor, r: int, second_moment: torch.Tensor):
+    """Step 1 with a data-aware criterion (not the paper's): drop the r triplets whose scores
+    (output_energy_scores) are lowest. Returns (W_world, dropped_US, dropped_Vt, index) as
+    truncate_minor_components does, plus the dropped triplets' positions in the σ-descending SVD
+    (ascending), W = W_world + dropped_US @ dropped_Vt to one rounding."""
+    if r == 0:
+        return (*truncate_minor_components(weight, 0), torch.zeros(0, dtype=torch.int64, device=weight.device))
+    U, S, Vh, scores = output_energy_scores(weight, second_moment)
+    index = scores.argsort()[:r].sort().values
+    return (*_drop_triplets(weight, U, S, Vh, index), index)
+
+
+def _drop_triplets(weight: torch.Tensor, U, S, Vh, index):
+    """(W_world, dropped_US, dropped_Vt) for the triplets `index` of the SVD U diag(S) Vh of weight."""
+    dropped_US = (U[:, index] * S[index]).to(svd_dtype(weight)).contiguous()
+    dropped_Vt = Vh[index].to(svd_dtype(weight)).contiguous()
+    W_world = weight.detach().to(svd_dtype(weight)) - dropped_US @ dropped_Vt
+    return W_world.to(weight.dtype), dropped_US, dropped_Vt
+
+
+def calibration_problem(name: str, weight: torch.Tensor, calibration) -> KaSAError:
+    """Why `calibration` cannot be the (in x in) input second moment of the layer `name`, or None."""
+    fix = "collect it with kasa.collect_input_statistics(model, targets, run_batches) before apply_kasa"
+    moment = calibration.get(name) if isinstance(calibration, dict) else None
+    in_features = weight.shape[1]
+    if not isinstance(moment, torch.Tensor):
+        return KaSAError(f"{name}: truncation_criterion='activation' needs calibration[{name!r}], E[xxᵀ] of the "
+                         f"layer's inputs ({in_features}x{in_features}), but calibration has none: {fix}")
+    if tuple(moment.shape) != (in_features, in_features) or not moment.is_floating_point():
+        return KaSAError(f"{name}: calibration[{name!r}] is {tuple(moment.shape)} {moment.dtype}, but E[xxᵀ] of this "
+                         f"layer's inputs is a floating-point {in_features}x{in_features} matrix: {fix}")
+    if not bool(torch.isfinite(moment).all()):
+        return KaSAError(f"{name}: calibration[{name!r}] holds NaN or infinite values: {fix}, on finite inputs")
+    return None
+
+
+@torch.no_grad()
+def collect_input_statistics(model: nn.Module, targets, run_batches) -> dict:
+    """E[xxᵀ] of the inputs of each layer `targets` names: {name: (in x in) float64}, for apply_kasa's
+    truncation_criterion='activation'.
+
+    run_batches() runs the model forward on a few calibration batches (say, the first training
+    batches); forward hooks add x xᵀ over every input row the layer sees, so padding counts too
+    (run unpadded sequences to leave it out). The model is in eval mode meanwhile (no dropout),
+    and ends as it was, hooks removed. Cost: one in x in float64 matrix per layer on the layer's
+    device, in² · 8 bytes, 128 MB at in = 4096, and one (rows x in)ᵀ(rows x in) product per call."""
+    names = _target_names(model, targets)
+    sums, counts = {}, dict.fromkeys(names, 0)
+
+    def hook(name):
+        def add(_module, inputs, _output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] += x.shape[0]
+        return add
+    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
+    was_training = model.training
+    model.eval()
+    try:
+        run_batches()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    unused = [name for name in names if counts[name] == 0]
+    if unused:
+        raise KaSAError(f"run_batches() sent no input through {unused[:3]} ({len(unused)} layers): it must run "
+                        "the model forward on the calibration batches")
+    return {name: sums[name] / counts[name] for name in names}
+
+
+# =============================================================================================
 # Optional: what did the truncation cost? (a report to read before training; not the method)
 #
 # Step 1 rests on a claim about the pretrained model: its smallest singular triplets are noise.
@@ -671,40 +802,61 @@ def lora_factors(layer: KaSALinear):
 # to do about it is the user's call, so it never changes the method.
 
 
-def _measure_truncation_losses(model: nn.Module, layers: list, compute_loss) -> tuple:
-    """(loss truncated, loss original, {layer: Δloss with only it truncated}), swapping weight
-    Parameters in and out so the model ends with its own Parameters again, bit for bit."""
+def _measure_truncation_losses(model: nn.Module, layers: list, compute_loss, variants: dict) -> tuple:
+    """(loss original, {label: (loss with every layer truncated that way, {layer: Δloss with only it
+    truncated})}) for variants = {label: {layer: truncated weight Parameter}}. Weight Parameters are
+    swapped in and out (a loss already measured with the same Parameters is not measured again), so
+    the model ends with its own Parameters again, bit for bit."""
     modules = dict(layers)
-    truncated = {name: layer.weight for name, layer in layers}
-    original = {}
-    for name, layer in layers:
-        base = layer.restore_base()
-        original[name] = nn.Parameter(base.weight.detach(), requires_grad=False)   # in the layer's own layout
+    own = {name: layer.weight for name, layer in layers}
+    original = {name: nn.Parameter(layer.restore_base().weight.detach(), requires_grad=False)
+                for name, layer in layers}                   # in the layer's own layout
+    measured = {}
 
-    def use(weights: dict):
-        for name, weight in weights.items():
-            modules[name].weight = weight
+    def loss_with(weights: dict) -> float:                   # `weights` in, every other layer original
+        key = tuple(sorted((name, id(weight)) for name, weight in weights.items()))
+        if key not in measured:
+            for name, weight in {**original, **weights}.items():
+                modules[name].weight = weight
+            measured[key] = float(compute_loss())
+        return measured[key]
 
     was_training = model.training
     model.eval()
-    delta_loss = {}
     try:
-        loss_truncated = float(compute_loss())
-        use(original)
-        loss_original = float(compute_loss())
-        for name, layer in layers:
-            if layer.kasa_dropped_Vt.shape[0] > 0:           # truncation 0: nothing dropped, Δloss = 0
-                use({name: truncated[name]})
-                delta_loss[name] = float(compute_loss()) - loss_original
-                use({name: original[name]})
+        results = {label: loss_with(weights) for label, weights in variants.items()}
+        loss_original = loss_with({})
+        for label, weights in variants.items():              # truncation 0: nothing dropped, Δloss = 0
+            results[label] = results[label], {name: loss_with({name: weights[name]}) - loss_original
+                                               for name, layer in layers if layer.kasa_dropped_Vt.shape[0] > 0}
     finally:
-        use(truncated)
+        for name, weight in own.items():
+            modules[name].weight = weight
         model.train(was_training)
-    return loss_truncated, loss_original, delta_loss
+    return loss_original, results
+
+
+def _criteria_weights(layer: "KaSALinear", second_moment: torch.Tensor) -> dict:
+    """{criterion: (W_world Parameter in the layer's layout, dropped index, share of E‖Wx‖² dropped)}
+    for the layer's own t under each criterion; the layer's own Parameter where its set is the same."""
+    base = layer.restore_base()
+    W, t = out_in_weight(base), layer.kasa_dropped_Vt.shape[0]
+    U, S, Vh, scores = output_energy_scores(W, second_moment)            # one SVD for both sets
+    k = scores.numel()
+    weights = {}
+    for criterion, index in (("sigma", torch.arange(k - t, k, device=W.device)),
+                             ("activation", scores.argsort()[:t].sort().values)):
+        if torch.equal(index.cpu(), layer.kasa_dropped_index.cpu()):
+            weight = layer.weight
+        else:
+            W_world = _drop_triplets(W, U, S, Vh, index)[0]
+            weight = nn.Parameter(W_world.T.contiguous() if layer.fan_in_fan_out else W_world, requires_grad=False)
+        weights[criterion] = weight, index.tolist(), (scores[index].sum() / scores.sum()).item()
+    return weights
 
 
 @torch.no_grad()
-def truncation_report(model: nn.Module, compute_loss, warn_above: float = 0.05) -> dict:
+def truncation_report(model: nn.Module, compute_loss, warn_above: float = 0.05, calibration: dict = None) -> dict:
     """What step 1 dropped from each KaSA layer of a model fresh from apply_kasa, and what it costs.
 
     `compute_loss()` returns the model's mean loss on a few fixed batches (the same ones on every
@@ -714,14 +866,21 @@ def truncation_report(model: nn.Module, compute_loss, warn_above: float = 0.05) 
       loss_truncated  every layer W_world: where training starts
       layers          worst first, one dict per layer:
         name, truncation   the layer and t, the number of triplets it dropped
-        dropped_sigma      σ_{k-t+1..k}: the column norms of U_t Σ_t (U's columns are unit vectors)
+        dropped_sigma      the dropped σ: the column norms of U_t Σ_t (U's columns are unit vectors)
+        dropped_index      their positions in W's σ-descending SVD (k-t .. k-1 for the paper's criterion)
         energy_share       Σσ²_dropped / ‖W‖²_F, where ‖W‖²_F = ‖W_world‖²_F + Σσ²_dropped
         delta_loss         the loss with only this layer truncated, minus loss_original
         kept_sigma         the singular values of W_world, to 5 significant digits (for plots)
+        criteria           (with calibration) both criteria side by side, each with the layer's t:
+                           {"sigma"|"activation": {dropped_index, output_energy_share: the share of
+                           E‖Wx‖² on the calibration inputs it drops, delta_loss}}
+      loss_truncated_by  (with calibration) {criterion: the loss with every layer truncated that way}
       harmless_targets, harmful_targets   projection names (q_proj, ...) whose layers' Δloss sum to
                                           at most / more than warn_above
       warning         None, or what to do when truncation raises the loss by more than warn_above nats
-    The model ends up with its own Parameters again, bit for bit, in any dtype.
+    calibration: collect_input_statistics's {layer: E[xxᵀ]}, to measure both criteria (4 + 2 x layers
+    loss calls at most; sets that coincide are measured once). The model ends up with its own
+    Parameters again, bit for bit, in any dtype.
     """
     layers = _kasa_layers(model)
     trained = [name for name, layer in layers if layer.kasa_B.any()]
@@ -729,7 +888,15 @@ def truncation_report(model: nn.Module, compute_loss, warn_above: float = 0.05) 
         raise KaSAError(f"{trained[0]} (and {len(trained) - 1} more layers) has a trained adapter (kasa_B != 0), "
                         "so the loss would mix training with truncation: call truncation_report right after "
                         "apply_kasa, before the first optimizer step")
-    loss_truncated, loss_original, delta_loss = _measure_truncation_losses(model, layers, compute_loss)
+    if calibration is not None:
+        _raise_first_kind([p for p in (calibration_problem(name, layer.weight_out_in(), calibration)
+                                       for name, layer in layers) if p is not None])
+    criteria = {} if calibration is None else {name: _criteria_weights(layer, calibration[name])
+                                               for name, layer in layers}
+    variants = {"applied": {name: layer.weight for name, layer in layers},
+                **{c: {name: criteria[name][c][0] for name, _ in layers} for c in TRUNCATION_CRITERIA if criteria}}
+    loss_original, results = _measure_truncation_losses(model, layers, compute_loss, variants)
+    loss_truncated, delta_loss = results["applied"]
     rows = []
     for name, layer in layers:
         dropped_sigma = layer.kasa_dropped_US.double().norm(dim=0)
@@ -737,9 +904,14 @@ def truncation_report(model: nn.Module, compute_loss, warn_above: float = 0.05) 
         W_world = layer.weight.to(svd_dtype(layer.weight))
         kept_sigma = torch.linalg.svdvals(W_world)[:min(W_world.shape) - dropped_sigma.numel()]
         rows.append({"name": name, "truncation": dropped_sigma.numel(), "dropped_sigma": dropped_sigma.tolist(),
+                     "dropped_index": layer.kasa_dropped_index.tolist(),
                      "energy_share": dropped_energy / (W_world.double().square().sum().item() + dropped_energy),
                      "delta_loss": delta_loss.get(name, 0.0),
                      "kept_sigma": [float(f"{s:.5g}") for s in kept_sigma.tolist()]})
+        if criteria:
+            rows[-1]["criteria"] = {c: {"dropped_index": index, "output_energy_share": share,
+                                        "delta_loss": results[c][1].get(name, 0.0)}
+                                    for c, (_, index, share) in criteria[name].items()}
     rows.sort(key=lambda row: -row["delta_loss"])
     by_kind = {}                                           # Δloss summed per projection (q_proj, v_proj, ...)
     for row in rows:
@@ -748,6 +920,7 @@ def truncation_report(model: nn.Module, compute_loss, warn_above: float = 0.05) 
     harmless = sorted(kind for kind, delta in by_kind.items() if delta <= warn_above)
     increase = loss_truncated - loss_original
     return {"loss_original": loss_original, "loss_truncated": loss_truncated, "layers": rows,
+            **({"loss_truncated_by": {c: results[c][0] for c in TRUNCATION_CRITERIA}} if criteria else {}),
             "harmless_targets": harmless, "harmful_targets": sorted(set(by_kind) - set(harmless)),
             "warning": _truncation_warning(rows, by_kind, harmless, increase) if increase > warn_above else None}
 
@@ -768,21 +941,34 @@ def _truncation_warning(rows: list, by_kind: dict, harmless: list, increase: flo
 
 def format_truncation_report(report: dict, top: int = 10) -> str:
     """The report as a plain-text table, worst layers first, then the totals and any warning."""
-    rows = report["layers"]
+    rows, both = report["layers"], "loss_truncated_by" in report
     width = max(len("layer"), *(len(row["name"]) for row in rows[:top]))
-    lines = ["KaSA truncation report (Δloss: the loss change when only that layer is truncated)",
-             f"{'layer':<{width}}  {'dropped σ (count)':<22}  {'energy':>9}  {'Δloss':>8}"]
+    lines = ["KaSA truncation report (Δloss: the loss change when only that layer is truncated"
+             + ("; σ | act: the same t triplets dropped by the smallest σ (the paper) | by the least output "
+                "energy on the calibration inputs, out-energy: the share of E‖Wx‖² dropped, shared: "
+                "triplets both drop)" if both else ")"),
+             f"{'layer':<{width}}  {'dropped σ (count)':<22}  {'energy':>9}  {'Δloss':>8}"
+             + (f"  {'Δloss σ | act':>17}  {'out-energy σ | act':>19}  shared" if both else "")]
     for row in rows[:top]:
         sigma = row["dropped_sigma"]
         dropped = ("none (truncation 0)" if not sigma else f"{sigma[0]:.3g}" if len(sigma) == 1
                    else f"{sigma[0]:.3g} .. {sigma[-1]:.3g} ({len(sigma)})")
-        lines.append(f"{row['name']:<{width}}  {dropped:<22}  {100 * row['energy_share']:>8.2g}%  "
-                     f"{row['delta_loss']:>+8.4f}")
+        line = f"{row['name']:<{width}}  {dropped:<22}  {100 * row['energy_share']:>8.2g}%  {row['delta_loss']:>+8.4f}"
+        if both:
+            by_sigma, by_activation = row["criteria"]["sigma"], row["criteria"]["activation"]
+            shared = len(set(by_sigma["dropped_index"]) & set(by_activation["dropped_index"]))
+            line += (f"  {by_sigma['delta_loss']:>+8.4f} {by_activation['delta_loss']:>+8.4f}  "
+                     f"{100 * by_sigma['output_energy_share']:>8.2g}% {100 * by_activation['output_energy_share']:>8.2g}%"
+                     f"  {shared}/{row['truncation']}")
+        lines.append(line)
     if len(rows) > top:
         lines.append(f"... {len(rows) - top} more layers")
     lines.append(f"loss {report['loss_original']:.4f} (original) -> {report['loss_truncated']:.4f} (truncated), "
                  f"{report['loss_truncated'] - report['loss_original']:+.4f}; the per-layer Δloss add up to "
                  f"{sum(row['delta_loss'] for row in rows):+.4f}")
+    if both:
+        lines.append("every layer truncated by " + ", by ".join(
+            f"{c}: {loss:.4f} ({loss - report['loss_original']:+.4f})" for c, loss in report["loss_truncated_by"].items()))
     if report["warning"]:
         lines.append("WARNING: " + report["warning"])
     return "\n".join(lines)

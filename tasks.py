@@ -124,6 +124,12 @@ class TrainConfig:
     untruncated_targets: tuple = flag((), "targets KaSA adapts without truncating (those the truncation report "
                                       "shows it hurts)")
     learn_sigma: bool = flag(True, "learn Δσ (--no-learn-sigma: fixed at 1, an ablation)")
+    truncation_criterion: str = flag("sigma", "which triplets KaSA's step 1 drops: the smallest σ (the paper), or "
+                                     "those adding the least output energy on calibration inputs (not the paper's)",
+                                     ("sigma", "activation"))
+    calibration_batches: int = flag(4, "batches of training examples, drawn with --seed and run one example at a "
+                                    "time, whose layer inputs E[xxᵀ] the activation criterion and the truncation "
+                                    "report use (0: none)", AT_LEAST_0)
     truncation_report: bool = flag(True, "measure what the SVD truncation costs before training", resumable=True)
     beta: float = flag(1e-4, "weight of L2 = Σ‖Δσ‖² (Eq. 11); 0 for the other methods unless given", AT_LEAST_0)
     gamma: float = flag(1e-3, "weight of L3 = Σ‖BᵀB − I‖² + ‖AAᵀ − I‖² (Eq. 11); 0 for the other methods unless "
@@ -233,6 +239,8 @@ def validate_config(config: TrainConfig):
                         f"--targets ({show(targets)}), and only --method kasa truncates")
     if config.truncation is not None and config.method != "kasa":
         problems.append(f"--truncation {config.truncation}: only --method kasa truncates")
+    if config.truncation_criterion == "activation" and (config.method != "kasa" or config.calibration_batches < 1):
+        problems.append("--truncation-criterion activation: needs --method kasa and --calibration-batches ≥ 1")
     model = Path(config.model).expanduser()
     if not model.exists() and (config.model.startswith((".", "/", "~")) or config.model.endswith(".gguf")):
         problems.append(f"--model {config.model}: no such file or directory")
@@ -285,17 +293,37 @@ def init_from_principal_or_minor_components(model: nn.Module, which: str):
         layer.kasa_A.copy_(root[:, None] * Vh[part])
         layer.kasa_dropped_US = (U[:, part] * S[part]).contiguous()
         layer.kasa_dropped_Vt = Vh[part].contiguous()
+        layer.kasa_dropped_index = torch.arange(S.shape[0], device=S.device)[part]
         layer.weight.copy_(W - layer.kasa_dropped_US @ layer.kasa_dropped_Vt)
 
 
-def adapt_model(model: nn.Module, config: TrainConfig) -> list:
-    """Apply the method to the model; returns the adapted layer names (empty for full fine-tuning)."""
+def calibration_statistics(model: nn.Module, task, config: TrainConfig, device: str, amp_dtype) -> dict:
+    """E[xxᵀ] of every target layer's inputs (kasa.collect_input_statistics) on --calibration-batches ×
+    --batch-size training examples drawn with --seed, each run alone (no padding)."""
+    examples = task.train_examples[:config.max_train_examples or None]
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(config.seed))
+    chosen = [examples[i] for i in order[:config.calibration_batches * config.batch_size].tolist()]
+
+    def run_batches():
+        for example in chosen:
+            batch = task.collate([example])
+            with torch.autocast(device.split(":")[0], dtype=amp_dtype, enabled=amp_dtype is not None):
+                model.hidden_states(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    return kasa.collect_input_statistics(model, resolve_targets(config.targets, model), run_batches)
+
+
+def adapt_model(model: nn.Module, config: TrainConfig, calibration: dict = None) -> list:
+    """Apply the method to the model; returns the adapted layer names (empty for full fine-tuning).
+    calibration: calibration_statistics's E[xxᵀ] per target, for --truncation-criterion activation."""
     if config.method == "full":
         for p in model.parameters():
             p.requires_grad = True
         return []
     targets = resolve_targets(config.targets, model)
-    switches = {"kasa": dict(truncation=config.truncation, learn_sigma=config.learn_sigma)}.get(
+    by_activation = config.truncation_criterion == "activation"
+    switches = {"kasa": dict(truncation=config.truncation, learn_sigma=config.learn_sigma,
+                             truncation_criterion=config.truncation_criterion,
+                             calibration=calibration if by_activation else None)}.get(
         config.method, dict(truncation=0, learn_sigma=False))  # LoRA, PiSSA, MiLoRA: no truncation, no σ
     untruncated = tuple(t for t in config.untruncated_targets if t in targets)
     if config.untruncated_targets and (len(untruncated) != len(config.untruncated_targets) or config.method != "kasa"):
@@ -314,7 +342,8 @@ def adapt_model(model: nn.Module, config: TrainConfig) -> list:
     return names
 
 
-def report_truncation(model, probe_batches: list, device: str, amp_dtype, out_dir: Path, log=print) -> dict:
+def report_truncation(model, probe_batches: list, device: str, amp_dtype, out_dir: Path, log=print,
+                      calibration: dict = None) -> dict:
     """Step 1's cost on this model, measured before training (kasa.truncation_report), printed worst
     layers first and saved as RUN_DIR/truncation_report.json. It only reports: a warning names the
     layers, and train.py adds the flags that avoid them; the run goes on as configured."""
@@ -328,7 +357,7 @@ def report_truncation(model, probe_batches: list, device: str, amp_dtype, out_di
     def compute_loss():
         with torch.autocast(device.split(":")[0], dtype=amp_dtype, enabled=amp_dtype is not None):
             return sum(text_loss(batch).float() for batch in batches) / len(batches)
-    report = kasa.truncation_report(model, compute_loss)
+    report = kasa.truncation_report(model, compute_loss, calibration=calibration)  # with it: both criteria
     log(kasa.format_truncation_report(report))
     if report["warning"]:  # kasa.py's warning names its own API; here are the same choices as flags
         harmless, harmful = report["harmless_targets"], report["harmful_targets"]

@@ -42,7 +42,8 @@ from errors import CheckpointError, ConfigError, OutputError
 from files import write_text_atomic  # noqa: F401 - bench scripts import it from here
 from model import load_pretrained, save_hf_checkpoint, save_peft_adapter
 from tasks import (GLUE_SELECT_BY, PRESETS, TASKS, Task, TrainConfig,  # noqa: F401 - bench/sweep.py reads
-                   adapt_model, parse_config, report_truncation, resume_differences)  # PRESETS and GLUE_SELECT_BY here
+                   adapt_model, calibration_statistics, parse_config, report_truncation,  # PRESETS and
+                   resume_differences)  # GLUE_SELECT_BY here
 
 # -----------------------------------------------------------------------------
 # 1. Config: the flags (tasks.parse_config checks them all), the process and device, and on --resume
@@ -158,8 +159,12 @@ def load_model(run: Run, checkpoint: dict | None):
     fresh = checkpoint is None
     with contextlib.nullcontext() if fresh else errors.reading(run.checkpoint_path, CheckpointError,
                                                                 "delete it, or point --out-dir elsewhere"):
+        calibration = None  # layer inputs: the activation criterion ranks by them, the report shows both criteria
+        if fresh and config.method == "kasa" and config.calibration_batches > 0 and (
+                config.truncation_criterion == "activation" or config.truncation_report):
+            calibration = calibration_statistics(model, task, config, run.device, run.amp_dtype)
         if fresh or config.method == "full":
-            adapted = adapt_model(model, config)  # KaSA's step 1, the SVD truncation, happens in here
+            adapted = adapt_model(model, config, calibration)  # KaSA's step 1, the SVD truncation, happens in here
         else:
             adapted = kasa.load_kasa_state_dict(model, checkpoint["adapter"], dropout=config.adapter_dropout)
         if not fresh and config.method == "full":
@@ -169,7 +174,8 @@ def load_model(run: Run, checkpoint: dict | None):
     if fresh and config.method == "kasa" and config.truncation_report and run.is_main:
         run.log(f"truncation report: the loss on {len(task.probe_batches)} training batches with each of the "
                 f"{len(adapted)} layers truncated alone (--no-truncation-report skips it)")
-        report_truncation(model, task.probe_batches, run.device, run.amp_dtype, run.out_dir, log=run.log)
+        report_truncation(model, task.probe_batches, run.device, run.amp_dtype, run.out_dir, log=run.log,
+                          calibration=calibration)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if task.head is not None:  # outside the model, so apply_kasa's freezing leaves it trainable
         trainable += list(task.head.parameters())

@@ -10,7 +10,9 @@
    truncation only where it is harmless: on this model, truncating v_proj raises the loss by more
    than a nat before training (train.py's truncation report) while q_proj costs nothing, so KaSA
    truncates q_proj and adapts v_proj without truncating it (--untruncated-targets v_proj); and
-   no truncation at all (--truncation 0: learned σ and both regularizers only).
+   no truncation at all (--truncation 0: learned σ and both regularizers only); and step 1 with a
+   data-aware criterion that is not the paper's (--truncation-criterion activation: drop the r
+   triplets adding the least output energy on 4 training batches, kasa.truncate_by_output_energy).
 
 Budget per run (bench/sweep.py's): E2E 100 steps × batch 8 on the dev set, the first 50 test MRs,
 beam 4; SST-2 100 steps × batch 8 (800 train rows), the first 400 dev rows; on 2 free CPU cores
@@ -49,6 +51,7 @@ VARIANTS = [
     ("KaSA, truncation 1", "kasa", ["--truncation", "1"]),
     ("KaSA, v_proj untruncated", "kasa", ["--untruncated-targets", "v_proj"]),
     ("KaSA, no truncation", "kasa", ["--truncation", "0"]),
+    ("KaSA, activation criterion", "kasa", ["--truncation-criterion", "activation", "--calibration-batches", "4"]),
 ]
 RANKS = (1, 4, 8, 16)
 RANK_METHODS = ("kasa", "lora", "pissa", "milora")
