@@ -163,7 +163,7 @@ def test_the_truncation_warning_adds_train_py_flags(tmp_path, monkeypatch, capsy
               "layers": [{"name": f"blocks.{i}.attn.{p}", "truncation": 4, "dropped_sigma": [0.1], "energy_share": 0.0,
                           "delta_loss": 0.2 if p == "v_proj" else 0.0, "kept_sigma": []}
                          for i in range(2) for p in ("q_proj", "v_proj")]}
-    monkeypatch.setattr(kasa, "truncation_report", lambda model, compute_loss: report)
+    monkeypatch.setattr(kasa, "truncation_report", lambda model, compute_loss, **options: report)
     assert train.report_truncation(None, [], "cpu", None, tmp_path) is report
     printed = capsys.readouterr().out
     assert "WARNING: truncation raises the loss" in printed
