@@ -162,7 +162,8 @@ def test_the_truncation_warning_adds_train_py_flags(tmp_path, monkeypatch, capsy
     report = {"loss_original": 1.0, "loss_truncated": 1.5, "warning": "truncation raises the loss",
               "layers": [{"name": f"blocks.{i}.attn.{p}", "truncation": 4, "dropped_sigma": [0.1], "energy_share": 0.0,
                           "delta_loss": 0.2 if p == "v_proj" else 0.0, "kept_sigma": []}
-                         for i in range(2) for p in ("q_proj", "v_proj")]}
+                         for i in range(2) for p in ("q_proj", "v_proj")],
+              "harmless_targets": ["q_proj"], "harmful_targets": ["v_proj"]}   # as kasa.truncation_report sums them
     monkeypatch.setattr(kasa, "truncation_report", lambda model, compute_loss, **options: report)
     assert train.report_truncation(None, [], "cpu", None, tmp_path) is report
     printed = capsys.readouterr().out
