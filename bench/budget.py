@@ -38,6 +38,7 @@ LoRA mean − LoRA std, at a step with at least two LoRA seeds), and the final t
 import dataclasses
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -57,7 +58,8 @@ HEADLINE = {"e2e": "BLEU", "sst2": "accuracy"}   # the validation score the curv
 # Seconds per training step and per validation on 2 free CPU cores (bench/sweep.py's measurements:
 # E2E 2.1 s per step at batch 8; SST-2 ~0.8 s per step at max length 128), for --dry-run's estimate.
 SECONDS = {"e2e": dict(step=2.1, validation=40, start=60, test=30), "sst2": dict(step=0.8, validation=25, start=60, test=0)}
-LOADED = 2.5   # a measured typical slowdown with other jobs on the same 2 cores (bench/sweep.py)
+LOADED = 2.5   # a typical slowdown with other jobs on the same 2 cores (bench/sweep.py); --dry-run also
+#                measures the current one from the log of a run under way
 
 
 def has_activation_criterion() -> bool:
@@ -268,8 +270,27 @@ def report(runs: list, results: dict, results_dir, task_list: list, budget: swee
     return "\n".join(lines)
 
 
-def print_plan(runs: list, results: dict, budget: sweep.Budget):
-    """--dry-run: the runs still to do, each with its steps and estimated time, and the total."""
+PROGRESS = re.compile(r"^step (\d+)/(\d+) \|.*\| ETA (?:(\d+) days?, )?(\d+):(\d\d):(\d\d)$")
+
+
+def measured_rate(log_path: Path):
+    """(step, seconds per step) of a run under way, from the last progress line of its log.txt
+    (train.py's ETA over the steps left), or None before its first one."""
+    try:
+        lines = log_path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        match = PROGRESS.match(line.strip())
+        if match and int(match[1]) < int(match[2]):
+            step, total, days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+            return step, (((days * 24 + hours) * 60 + minutes) * 60 + seconds) / (total - step)
+    return None
+
+
+def print_plan(runs: list, results: dict, budget: sweep.Budget, results_dir):
+    """--dry-run: the runs still to do, each with its steps and estimated time, and the total; with
+    a run under way, the total again at the rate that run measures now (the machine's load)."""
     steps = {task: planned_steps(task, budget) for task in {run.labels["task"] for run in runs}}
     todo = [run for run in dict((run.key, run) for run in runs).values() if run.key not in results]
     total = 0.0
@@ -284,6 +305,12 @@ def print_plan(runs: list, results: dict, budget: sweep.Budget):
     print(f"estimate: {total / 3600:.1f} h on 2 free CPU cores for the {len(todo)} runs left (E2E "
           f"{SECONDS['e2e']['step']} s/step, SST-2 {SECONDS['sst2']['step']} s/step), about "
           f"{LOADED * total / 3600:.0f} h with other jobs on the same cores; a run in progress resumes from its checkpoint")
+    for run in todo:
+        rate = measured_rate(run_dir(results_dir, run) / "log.txt")
+        if rate is not None:
+            slowdown = rate[1] / SECONDS[run.labels["task"]]["step"]
+            print(f"measured now: {run.name} at step {rate[0]:,}, {rate[1]:.1f} s/step ({slowdown:.1f}x the free-core "
+                  f"rate): at that load the runs left take about {slowdown * total / 3600:.0f} h")
 
 
 def main(argv=None, runner=sweep.run_train):
@@ -300,7 +327,7 @@ def main(argv=None, runner=sweep.run_train):
     results = sweep.run_sweep(runs, args.results_dir, runner=with_validation(runner), dry_run=args.dry_run,
                               report_only=args.report_only)
     if args.dry_run:
-        print_plan(runs, results, budget)
+        print_plan(runs, results, budget, args.results_dir)
         return
     text = report(runs, results, args.results_dir, task_list, budget, argv, args.seeds)
     print("\n" + text)

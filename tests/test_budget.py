@@ -131,9 +131,19 @@ def test_a_sweep_stores_the_curves_reports_them_and_reads_partial_runs(paths, tm
     assert "Partial curves" not in (tmp_path / "results" / "budget.md").read_text()
 
 
-def test_dry_run_lists_the_runs_and_an_estimate(paths, tmp_path, capsys):
+def test_dry_run_lists_the_runs_and_an_estimate_at_the_load_measured_now(paths, tmp_path, capsys):
     model, root = paths
-    budget.main(["--tasks", "sst2", "--seeds", "0", "--model", str(model), "--glue-data", str(root / "glue"),
-                 "--results-dir", str(tmp_path), "--dry-run"])
+    argv = ["--tasks", "sst2", "--seeds", "0", "--model", str(model), "--glue-data", str(root / "glue"),
+            "--results-dir", str(tmp_path), "--dry-run"]
+    budget.main(argv)
     out = capsys.readouterr().out
-    assert "budget-sst2-kasa-s0: 2,000 steps" in out and "estimate:" in out and not (tmp_path / "budget.md").exists()
+    assert "budget-sst2-kasa-s0: 2,000 steps, ~0.5 h" in out and "estimate: 1.6 h" in out and "measured" not in out
+    # A run under way at 8 s per step (10x the free-core 0.8): its ETA over the steps left.
+    run = budget.build_runs(["sst2"], [0], fake_budget(paths))[0]
+    budget.run_dir(tmp_path, run).mkdir(parents=True)
+    (budget.run_dir(tmp_path, run) / "log.txt").write_text(
+        "step 10/2000 | loss 0.7 | ETA 4:25:20\nstep 20/2000 | loss 0.6 | l2 0.1 | ETA 4:24:00\n")
+    budget.main(argv)
+    out = capsys.readouterr().out
+    assert "budget-sst2-kasa-s0 at step 20, 8.0 s/step (10.0x" in out and "about 16 h" in out
+    assert not (tmp_path / "budget.md").exists()
