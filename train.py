@@ -252,7 +252,7 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     step: int = 0
-    history: list = field(default_factory=list)       # one dict per optimizer step
+    history: list = field(default_factory=list)       # one dict per optimizer step (+ "validation": --eval-every)
     evaluations: list = field(default_factory=list)   # the dev scores after each epoch (tasks with select_by)
     saved_step: int = None                # the step of the last checkpoint this run wrote or resumed from
 
