@@ -100,7 +100,7 @@ def start_run(config: TrainConfig) -> Run:
     if run.device_type == "cpu" and config.max_steps is None and config.model == TrainConfig(**PRESETS[config.task]).model:
         run.log(f"note: this is the paper's full setting ({config.model}, {config.epochs} epochs): it needs a GPU, and "
                 "on this CPU it takes days. A CPU-sized run (a small model, a few hundred steps, minutes):\n  python "
-                f"train.py --task {config.task} --model HuggingFaceTB/SmolLM2-135M-Instruct --max-steps 300 " + (
+                f"train.py --task {config.task} --model HuggingFaceTB/SmolLM2-135M-Instruct --max-steps 300 --lr 5e-4 " + (
                     "--warmup-steps 30 --max-eval-examples 50 --num-beams 4" if config.task == "e2e" else "--batch-size 8"))
     torch.manual_seed(config.seed)          # the same seed on every rank: the same adapter init
     return run
