@@ -171,8 +171,11 @@ def aggregate(runs: list, results: dict, results_dir, task: str) -> dict:
         for point in points:
             if point.get(HEADLINE[task]) is not None:
                 by_step.setdefault(point["step"], []).append(point[HEADLINE[task]])
+        progress = None if finished else measured_rate(run_dir(results_dir, run) / "log.txt")
         if points and not finished:
             partial.append(f"{run.name} (to step {points[-1]['step']})")
+        elif progress is not None:
+            partial.append(f"{run.name} (at step {progress[0]:,}, before its first validation point)")
     return curves, partial
 
 
@@ -194,6 +197,8 @@ def curve_table(curves: dict) -> str:
             values = curves[method].get(step, [])
             cells.append(sweep.format_cell(sweep.mean_std(values), 4) + (f" ({len(values)})" if values else ""))
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    if len(lines) == 2:
+        lines.append("| (no validation point yet) |" + " |" * len(methods_))
     return "\n".join(lines)
 
 
@@ -262,7 +267,7 @@ def report(runs: list, results: dict, results_dir, task_list: list, budget: swee
         lines += [f"## {task}: {title}\n", f"Validation {HEADLINE[task]} against the optimizer step:\n",
                   curve_table(curves), "", verdict(curves), ""]
         if partial:
-            lines += ["Partial curves (runs under way or interrupted, from their history.json): "
+            lines += ["Partial curves (runs under way or interrupted, from their history.json and log.txt): "
                       + ", ".join(partial) + ".", ""]
         lines += [f"Final scores ({'test MRs' if task == 'e2e' else 'dev rows'}, the last step's model):\n",
                   sweep.markdown_table(rows, ["method", *metrics, "runs", "min/run"]), ""]
