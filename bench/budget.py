@@ -4,7 +4,7 @@ budget: validation scores every ~250 steps (train.py --eval-every), one curve pe
 E2E, the paper's recipe on the data we have: there is no train split offline, so every run trains
 on the dev set with 50 dev MRs held out for validation (train.py --val-mrs 50: the same seeded MRs
 for every run, none of their references trained on), 5 epochs at batch 8 (4,672 dev rows minus
-the held-out ones: ~2,670 steps; the paper's 5 epochs of its train split at batch 8), lr 2e-4, 500
+the held-out MRs' 373 rows: 2,690 steps; all 4,672 rows would be 2,920), lr 2e-4, 500
 warmup steps then linear decay, label smoothing 0.1, weight decay 0.01, r=4, α=32, adapter dropout
 0.1 on q,v. Validation: greedy decoding of the held-out MRs (BLEU, NIST, ROUGE_L, CIDEr) and the
 teacher-forced loss on their references. At the end: the five metrics on the first 50 test MRs
