@@ -38,7 +38,8 @@ def write_plots(run_dir) -> list[Path]:
                                      ("spectrum.png", "truncation_report.json", _load_json, _plot_spectrum),
                                      ("validation.png", "history.json", _load_validation, _plot_validation)]:
         if not (run_dir / source).is_file():
-            print(f"skipped {name}: {run_dir / source} does not exist")
+            if name != "validation.png":  # a missing history.json is reported once, for loss_curves.png
+                print(f"skipped {name}: {run_dir / source} does not exist")
             continue
         with reading(run_dir / source, CheckpointError, RUN_DIR_FIX):
             content = load(run_dir / source)
