@@ -20,7 +20,10 @@ def write_plots(run_dir) -> list[Path]:
                        (the paper's figure 5)
       spectrum.png     kept vs dropped singular values of the layers
                        whose truncation cost the most loss              from truncation_report.json
-    A plot whose input is missing is skipped with a one-line message. Returns the written paths.
+      validation.png   --eval-every's scores against the step           from history.json
+                       (E2E: validation loss, greedy BLEU, ...; GLUE: dev metrics)
+    A plot whose input is missing is skipped with a one-line message (validation.png: silently
+    when the run did not validate). Returns the written paths.
     """
     try:
         from matplotlib.figure import Figure       # no pyplot: no GUI backend, no global state
@@ -32,12 +35,16 @@ def write_plots(run_dir) -> list[Path]:
     written = []
     for name, source, load, draw in [("loss_curves.png", "history.json", _load_json, _plot_loss_curves),
                                      ("delta_sigma.png", "adapter.safetensors", _load_sigma, _plot_delta_sigma),
-                                     ("spectrum.png", "truncation_report.json", _load_json, _plot_spectrum)]:
+                                     ("spectrum.png", "truncation_report.json", _load_json, _plot_spectrum),
+                                     ("validation.png", "history.json", _load_validation, _plot_validation)]:
         if not (run_dir / source).is_file():
-            print(f"skipped {name}: {run_dir / source} does not exist")
+            if name != "validation.png":  # a missing history.json is reported once, for loss_curves.png
+                print(f"skipped {name}: {run_dir / source} does not exist")
             continue
         with reading(run_dir / source, CheckpointError, RUN_DIR_FIX):
             content = load(run_dir / source)
+        if name == "validation.png" and not content:
+            continue  # trained without --eval-every
         figure = Figure(layout="constrained")
         draw(figure, content, run_dir / source)
         written.append(write_atomic(run_dir / "plots" / name, lambda f: figure.savefig(f, format="png", dpi=120)))
@@ -46,6 +53,11 @@ def write_plots(run_dir) -> list[Path]:
 
 def _load_json(path: Path):
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _load_validation(history_path: Path) -> list:
+    """(step, scores) of every history entry that holds --eval-every's validation scores."""
+    return [(entry["step"], entry["validation"]) for entry in _load_json(history_path) if "validation" in entry]
 
 
 def _load_sigma(adapter_path: Path) -> dict:
@@ -72,6 +84,17 @@ def _plot_loss_curves(figure, history: list, history_path: Path):
                       lw=1.5, color="tab:blue", label=f"mean of {window} steps")
             axes.legend()
         axes.set(title=title, xlabel="step")
+
+
+def _plot_validation(figure, points: list, history_path: Path):
+    """One panel per validation score (every number but the seconds it took and the count of MRs)."""
+    names = [k for k, v in points[-1][1].items() if isinstance(v, (int, float)) and k not in ("seconds", "eval_mrs")]
+    figure.set_size_inches(1 + 3.2 * len(names), 3.2)
+    figure.suptitle("validation during training (the unmerged model; data the run does not train on)")
+    for axes, name in zip(figure.subplots(1, len(names), squeeze=False)[0], names):
+        steps = [step for step, scores in points if scores.get(name) is not None]
+        axes.plot(steps, [scores[name] for _, scores in points if scores.get(name) is not None], "o-", ms=4)
+        axes.set(title=name, xlabel="step")
 
 
 def _plot_delta_sigma(figure, sigma: dict, adapter_path: Path):

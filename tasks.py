@@ -11,11 +11,13 @@
   e2e_task      E2E NLG: (MR, reference) sequences, loss on the reference, beam search, five metrics
   glue_task     GLUE: a linear head on the last real token, cross-entropy (MSE for STS-B), dev metrics
   TASKS         task name -> the function that builds its Task
+  validate      --eval-every: score the training model on held-out data, into the history
 """
 import argparse
 import dataclasses
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,6 +30,7 @@ import data
 import eval as evaluation
 import files
 import kasa
+import metrics
 from errors import ConfigError
 from model import ClassificationHead
 
@@ -168,6 +171,13 @@ class TrainConfig:
     eval_batch_size: int = flag(8, "examples per evaluation batch", AT_LEAST_1, resumable=True)
     max_eval_examples: int = flag(None, "score only the first N unique test MRs (GLUE: dev rows)", AT_LEAST_1,
                                   unset="all", resumable=True)
+    # periodic validation (never model selection: the test score is the last step's)
+    eval_every: int = flag(0, "score the unmerged model every N steps and at the last one, into history.json's "
+                           "'validation' entries and plots/validation.png (0: off; E2E: greedy BLEU and the "
+                           "loss on the --val-mrs MRs; GLUE: the dev metrics)", AT_LEAST_0, resumable=True)
+    val_mrs: int = flag(0, "E2E validation MRs: with a train split, the first N dev MRs (0: all); training on the "
+                        "dev set, N dev MRs held out of training, seeded and the same for every run (needed by "
+                        "--eval-every)", AT_LEAST_0)
 
 
 def show(value) -> str:
@@ -237,6 +247,8 @@ def validate_config(config: TrainConfig):
     if config.untruncated_targets and (config.method != "kasa" or set(config.untruncated_targets) - set(targets)):
         problems.append(f"--untruncated-targets {show(config.untruncated_targets)}: each must be one of the "
                         f"--targets ({show(targets)}), and only --method kasa truncates")
+    if config.val_mrs and config.task != "e2e":
+        problems.append(f"--val-mrs {config.val_mrs}: E2E only (GLUE validates on its dev rows, --max-eval-examples)")
     if config.truncation is not None and config.method != "kasa":
         problems.append(f"--truncation {config.truncation}: only --method kasa truncates")
     if config.truncation_criterion == "activation" and (config.method != "kasa" or config.calibration_batches < 1):
@@ -367,6 +379,20 @@ def report_truncation(model, probe_batches: list, device: str, amp_dtype, out_di
     return report
 
 
+def validate(task, model: nn.Module, out_dir: Path, history: list, log=print):
+    """--eval-every: the unmerged model (it is training) scored on data the run does not train on,
+    kept in the last history entry (so the checkpoint holds it for --resume) and history.json
+    rewritten, so that a running sweep can read the curve so far. Never used to pick a model."""
+    model.eval()  # no dropout, and nothing drawn from the RNG: a resumed run stays exact
+    start = time.time()
+    scores = task.validate(model, Path(out_dir) / "validation")
+    model.train()
+    history[-1]["validation"] = {**scores, "seconds": round(time.time() - start, 1)}
+    files.write_text_atomic(Path(out_dir) / "history.json", json.dumps(history, indent=1))
+    log(f"validation at step {history[-1]['step']}: " + " | ".join(
+        f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)) + f" ({time.time() - start:.0f} s)")
+
+
 # -----------------------------------------------------------------------------
 # Tasks: what a batch is, its loss, and how the trained model is scored
 
@@ -381,6 +407,7 @@ class Task:
     probe_batches: list                   # a few fixed batches for the truncation report
     head: nn.Module = None                # a task head (GLUE): trains with the adapter, saved beside it
     select_by: str = None                 # set: score after every epoch, report the final and the best by this metric
+    validate: Callable = None             # (model, out_dir) -> scores on data the run does not train on (--eval-every)
     length: Callable = lambda example: len(example[0])  # tokens in one example (--group-by-length)
 
 
@@ -390,18 +417,80 @@ def require_tokenizer(config, tokenizer):
                           "(tokenizer.json, vocab.json + merges.txt, or a GGUF with a gpt2-style vocabulary)")
 
 
+VALIDATION_SEED = 0  # the held-out dev MRs do not depend on --seed: every run validates on the same MRs
+
+
+def hold_out_mrs(examples: list, n: int) -> tuple[list, list]:
+    """(training rows, validation groups): n MRs drawn with a fixed seed, every row of theirs removed
+    from training, so that no validation MR's references are trained on. Groups in file order."""
+    groups = data.group_references(examples)
+    if n >= len(groups):
+        raise ConfigError(f"--val-mrs {n}: the split has {len(groups)} MRs, so none would be left to train on; "
+                          f"give fewer, e.g. --val-mrs 50")
+    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(VALIDATION_SEED)).tolist()
+    held = {groups[i][0] for i in order[:n]}
+    return [ex for ex in examples if ex.mr not in held], [group for group in groups if group[0] in held]
+
+
+# The E2E scorer's metrics but METEOR: its Java scorer takes ~20 s to start, at every validation.
+VALIDATION_METRICS = {"BLEU": metrics.bleu_score, "NIST": metrics.nist_score, "ROUGE_L": metrics.rouge_l_score,
+                      "CIDEr": metrics.cider_score}
+
+
+def e2e_validator(config, model, tokenizer, groups: list) -> Callable:
+    """--eval-every on E2E: greedy decoding scored on `groups` (MRs the run does not train on), and
+    the teacher-forced loss on their references (no label smoothing: the plain per-token loss)."""
+    eos_id, pad_id = data.eos_and_pad_ids(model.config)
+    pairs = [data.encode_e2e_example(tokenizer, mr, ref, eos_id, config.max_len) for mr, refs in groups for ref in refs]
+    prompts = [data.encode_e2e_context(tokenizer, mr, eos_id) for mr, _ in groups]
+    greedy = evaluation.BeamSearchConfig(num_beams=1, max_new_tokens=config.max_new_tokens,
+                                         no_repeat_ngram_size=config.no_repeat_ngram_size)
+
+    @torch.no_grad()
+    def validate(model, out_dir) -> dict:
+        device = model.lm_head.weight.device
+        amp_dtype, _ = evaluation.run_precision(config.dtype, device.type, config.method)
+        loss_sum, units = 0.0, 0
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            for start in range(0, len(pairs), config.eval_batch_size):
+                batch = {k: v.to(device) for k, v in
+                         data.collate_e2e(pairs[start:start + config.eval_batch_size], pad_id=pad_id).items()}
+                n = int((batch["targets"] != -100).sum())
+                loss_sum += model.loss(batch["input_ids"], batch["targets"], batch["attention_mask"]).item() * n
+                units += n
+            hyps = evaluation.generate_texts(model, tokenizer, prompts, eos_id, greedy, config.eval_batch_size)
+        metrics.write_hypotheses(Path(out_dir) / "predictions.txt", hyps)
+        refs = [refs for _, refs in groups]
+        return {"loss": loss_sum / units, **{name: score(hyps, refs) for name, score in VALIDATION_METRICS.items()},
+                "eval_mrs": len(groups)}
+    return validate
+
+
 def e2e_task(config, model, tokenizer) -> Task:
-    """E2E NLG: LoRA-style (MR, reference) sequences, loss on the reference tokens only."""
+    """E2E NLG: LoRA-style (MR, reference) sequences, loss on the reference tokens only. Offline
+    there is no train split: the run trains on the dev set (and --eval-every validates on --val-mrs
+    dev MRs held out of it); with one, it trains on train and validates on the first dev MRs."""
     require_tokenizer(config, tokenizer)
     eos_id, pad_id = data.eos_and_pad_ids(model.config)
     paths = data.resolve_e2e_files(config.data_version, config.data_dir)
-    train_path = paths["train"]
-    if train_path is None:
-        train_path = paths["dev"]
+    validation = []
+    if paths["train"] is None:
+        rows = data.load_e2e_split(paths["dev"])
         print(f"note: no E2E training split in {config.data_dir}; training on the dev set "
-              f"({train_path.name}) and evaluating on the test set")
-    train = [data.encode_e2e_example(tokenizer, ex.mr, ex.ref, eos_id, config.max_len)
-             for ex in data.load_e2e_split(train_path)]
+              f"({paths['dev'].name}) and evaluating on the test set")
+        if config.eval_every and not config.val_mrs:
+            raise ConfigError("--eval-every without a train split needs validation MRs held out of the dev set "
+                              "it trains on: add e.g. --val-mrs 50")
+        if config.val_mrs:
+            rows, validation = hold_out_mrs(rows, config.val_mrs)
+            print(f"note: {len(validation)} dev MRs ({sum(len(refs) for _, refs in validation)} references, "
+                  f"seed {VALIDATION_SEED}) are held out of training for validation; training on the other "
+                  f"{len(rows)} dev rows")
+    else:
+        rows = data.load_e2e_split(paths["train"])
+        if config.eval_every:
+            validation = data.group_references(data.load_e2e_split(paths["dev"]))[:config.val_mrs or None]
+    train = [data.encode_e2e_example(tokenizer, ex.mr, ex.ref, eos_id, config.max_len) for ex in rows]
     collate = lambda examples: data.collate_e2e(examples, pad_id=pad_id)  # noqa: E731
 
     def loss(model, batch):
@@ -410,9 +499,9 @@ def e2e_task(config, model, tokenizer) -> Task:
 
     # The one E2E evaluation (eval.py), the same as `eval.py --checkpoint`; it reads the test set now.
     evaluate = evaluation.e2e_evaluator(config, tokenizer)
-
+    validate = e2e_validator(config, model, tokenizer, validation) if validation else None
     return Task(train, collate, loss, lambda batch: int((batch["targets"] != -100).sum()), evaluate,
-                probe_batches=[collate(train[i:i + 8]) for i in (0, 8)])
+                probe_batches=[collate(train[i:i + 8]) for i in (0, 8)], validate=validate)
 
 
 def glue_task(config, model, tokenizer) -> Task:
@@ -458,7 +547,7 @@ def glue_task(config, model, tokenizer) -> Task:
 
     return Task(train, collate, loss, lambda batch: len(batch["labels"]), evaluate,
                 probe_batches=[collate(train[i:i + 8]) for i in (0, 8)],
-                head=head, select_by=GLUE_SELECT_BY[config.task])
+                head=head, select_by=GLUE_SELECT_BY[config.task], validate=evaluate)  # --eval-every: the dev metrics
 
 
 TASKS = {"e2e": e2e_task, **{task: glue_task for task in data.GLUE_TASKS}}

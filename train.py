@@ -10,7 +10,8 @@ A plain PyTorch loop in six steps, numbered alike here, in the section rulers an
   4. optimizer: AdamW, warmup + linear decay; the run says what it will do before it starts
   5. train: loss = task + β·L2 + γ·L3 (Eq. 11), gradient accumulation, atomic checkpoints
   6. evaluate: merge ΔW into W_world (zero added latency), decode the test set, score it (eval.py);
-     GLUE scores its dev set after every epoch too, and reports the final and the best epoch
+     GLUE scores its dev set after every epoch too, and reports the final and the best epoch;
+     --eval-every N validates the training model every N steps (tasks.validate, never model selection)
 CUDA when available (bf16 autocast, or fp16 with a GradScaler), else the CPU; `torchrun
 --nproc_per_node=N train.py ...` trains on N processes (DDP). A run directory (--out-dir, default
 runs/<task>) ends up holding config.json, truncation_report.json, checkpoint.pt (adapter, optimizer,
@@ -43,7 +44,7 @@ from files import write_text_atomic  # noqa: F401 - bench scripts import it from
 from model import load_pretrained, save_hf_checkpoint, save_peft_adapter
 from tasks import (GLUE_SELECT_BY, PRESETS, TASKS, Task, TrainConfig,  # noqa: F401 - bench/sweep.py reads
                    adapt_model, calibration_statistics, parse_config, report_truncation,  # PRESETS and
-                   resume_differences)  # GLUE_SELECT_BY here
+                   resume_differences, validate)  # GLUE_SELECT_BY here
 
 # -----------------------------------------------------------------------------
 # 1. Config: the flags (tasks.parse_config checks them all), the process and device, and on --resume
@@ -259,7 +260,7 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     step: int = 0
-    history: list = field(default_factory=list)       # one dict per optimizer step
+    history: list = field(default_factory=list)       # one dict per optimizer step (+ "validation": --eval-every)
     evaluations: list = field(default_factory=list)   # the dev scores after each epoch (tasks with select_by)
     saved_step: int = None                # the step of the last checkpoint this run wrote or resumed from
 
@@ -292,6 +293,7 @@ def make_training(run: Run, schedule: Schedule, model, task: Task, adapted: list
             f"over {len(schedule.examples):,} training examples, {config.batch_size} per batch × {config.grad_accum} "
             f"accumulated × {run.world} process{'es' if run.world > 1 else ''} = {config.batch_size * config.grad_accum * run.world} "
             f"per step; {run.device}, {precision}; {sum(p.numel() for p in trainable):,} trainable parameters"
+            + (f"; validation every {config.eval_every} steps" if config.eval_every else "")
             + ("; then evaluation" if config.eval else ""))
     return training
 
@@ -401,6 +403,8 @@ def train(run: Run, t: Training, schedule: Schedule):
             t.evaluations.append(score(run, t, schedule))
             model.train()
             run.log(f"dev after epoch {t.evaluations[-1]['epoch']:g}: {t.evaluations[-1]}")
+        if run.is_main and config.eval_every and (t.step % config.eval_every == 0 or t.step == schedule.total_steps):
+            validate(t.task, model, run.out_dir, t.history, run.log)  # in the history, so the checkpoint keeps it
         if run.is_main and (t.step % config.save_every == 0 or t.step == schedule.total_steps):
             save_checkpoint(run, t)
 
