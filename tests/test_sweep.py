@@ -107,7 +107,7 @@ def test_every_script_plans_one_run_per_configuration():
     import compare
     budget, seeds = BUDGET, [0, 1, 2]
     runs = ablation.build_runs(["e2e", "sst2"], seeds, list(ablation.STUDIES), budget)
-    assert len({run.key for run in runs}) == 22 * 2 * 3
+    assert len({run.key for run in runs}) == 23 * 2 * 3   # 23 configurations (the activation-criterion variant is the 23rd)
     assert all(run.labels["seed"] == 0 for run in runs[:len(runs) // 3])   # seed 0 of everything first
     compared = compare.build_runs(["e2e", "sst2"], ["kasa", "lora"], seeds, budget, full_lr=2e-5)
     shared = {run.key for run in compared} & {run.key for run in runs}
