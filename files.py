@@ -24,8 +24,9 @@ def _output_error(path: Path, error: BaseException) -> OutputError:
         except OSError:
             free = None
         cause = "no space left on device" if free is not None and free < (1 << 20) else str(error).splitlines()[0]
-    return OutputError(f"cannot write {path}: {cause}; free some space or choose another --out-dir "
-                       "(the previous file, if any, is unchanged)")
+    fix = "free some space, or choose another --out-dir" if "space" in cause or "quota" in cause else \
+        "make the directory writable, or choose another --out-dir"
+    return OutputError(f"cannot write {path}: {cause}; {fix} (the previous file, if any, is unchanged)")
 
 
 def write_atomic(path, write: Callable[[object], None], binary: bool = True) -> Path:
@@ -46,7 +47,7 @@ def write_atomic(path, write: Callable[[object], None], binary: bool = True) -> 
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
-        if isinstance(e, (OSError, RuntimeError)):
+        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, OutputError):  # OutputError: says it already
             raise _output_error(path, e) from e
         raise
     return path
@@ -98,7 +99,7 @@ def write_dir_atomic(out_dir, file_names: tuple, write: Callable[[Path], None]) 
         os.replace(tmp, out_dir)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
+        if isinstance(e, OSError) and not isinstance(e, OutputError):
             raise _output_error(out_dir, e) from e
         raise
     shutil.rmtree(old, ignore_errors=True)
