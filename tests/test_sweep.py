@@ -114,6 +114,20 @@ def test_every_script_plans_one_run_per_configuration():
     assert len(shared) == 2 * 2 * 3    # kasa and lora at the preset rank, both tasks, every seed
 
 
+def test_batching_reuses_compares_random_runs_and_counts_padding_exactly():
+    """batching.py's random-batch runs are compare.py's (one run); only --group-by-length differs."""
+    import batching
+    import compare
+    runs = batching.build_runs(BUDGET, [0, 1, 2])
+    compared = {run.key for run in compare.build_runs(["e2e"], list(batching.METHODS), [0, 1, 2], BUDGET, 2e-5)
+                if run.labels["method"] in batching.METHODS}  # not the untuned base
+    assert {run.key for run in runs if run.labels["batching"] == "random"} == compared
+    grouped = [run for run in runs if run.labels["batching"] == "grouped"]
+    assert len(grouped) == 6 and all(run.flags[-3] == "--group-by-length" for run in grouped)
+    lengths = [3, 5, 2, 2]  # batches [0, 1] and [2, 3]: (3 + 5 + 2 + 2) real of (2 * 5 + 2 * 2) positions
+    assert batching.padding_share(lengths, [[0, 1], [2, 3]]) == pytest.approx(1 - 12 / 14)
+
+
 def test_rank_table_puts_methods_across_and_counts_each_rows_runs():
     import ablation
     rows = [{"r": r, "method": method, "BLEU": (0.1 * r, None), "runs": runs}
