@@ -72,6 +72,16 @@ GLUE_SELECT_BY = {"cola": "matthews", "sst2": "accuracy", "mrpc": "accuracy", "q
                   "rte": "accuracy", "stsb": "pearson"}
 
 
+def cpu_note(config) -> str | None:
+    """What to run instead when the paper's full setting (the preset's model, no --max-steps) is asked of a CPU."""
+    if config.max_steps is not None or config.model != TrainConfig(**PRESETS[config.task]).model:
+        return None
+    return (f"note: this is the paper's full setting ({config.model}, {config.epochs} epochs): it needs a GPU, and "
+            "on this CPU it takes days. A CPU-sized run (a small model, a few hundred steps, minutes):\n  python "
+            f"train.py --task {config.task} --model HuggingFaceTB/SmolLM2-135M-Instruct --max-steps 100 " + (
+                "--warmup-ratio 0.06 --max-eval-examples 50 --num-beams 4" if config.task == "e2e" else "--batch-size 8"))
+
+
 
 # -----------------------------------------------------------------------------
 # Settings: every flag is a TrainConfig field; its help, its range and whether --resume may change
