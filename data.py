@@ -343,6 +343,15 @@ def resolve_e2e_files(version: str = "original", data_dir=None,
     return paths
 
 
+def e2e_test_groups(version: str = "original", data_dir=None, limit: int | None = None) -> list[tuple[str, list[str]]]:
+    """The E2E test MRs with their references, in the scorer's order (the first `limit`, if given)."""
+    test = resolve_e2e_files(version, data_dir)["test"]
+    groups = group_references(load_e2e_split(test))
+    if not all(refs for _, refs in groups):
+        raise DataError(f"{test} has no 'ref' column: the E2E test split needs its references (mr,ref)")
+    return groups[:limit or None]
+
+
 # -----------------------------------------------------------------------------
 # GLUE: reading the official TSV files
 #
