@@ -1,6 +1,6 @@
 """Checkpoint formats: from files on disk (or a hub id) to a ModelConfig and its tensors.
 
-model.load_pretrained calls read_checkpoint and check_tensors, and needs nothing else from here; a
+model.load_pretrained calls read_checkpoint and read_state_dict, and needs nothing else from here; a
 reader of the tutorial may skip this file. In order:
 
   1. finding the checkpoint: a local directory, a .gguf file, or a Hugging Face hub id;
@@ -98,6 +98,23 @@ def check_tensors(source, expected: dict, tensors: dict):
                               + (f"\n  unexpected tensors: {listed(unexpected)}" if unexpected else "")
                               + (f"\n  wrong shapes: {listed(wrong_shape)}" if wrong_shape else "")
                               + f"\nCheck that config.json belongs to these weights, or {REDOWNLOAD}.")
+
+
+def read_state_dict(model, tensors: dict, source, dtype, device) -> dict:
+    """The state dict of `model` (a Transformer on the meta device) from read_checkpoint's tensors:
+    every name and shape checked before any weight is read, then each tensor read once, straight
+    into `dtype` on `device`. A tied lm_head is tok_emb's tensor, not one of the file's."""
+    tied = model.config.tie_embeddings
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()
+                if not (tied and name == "lm_head.weight")}
+    check_tensors(source, expected, tensors)
+    state = {}
+    for name, (file_name, _, load) in tensors.items():
+        state[name] = load(dtype).to(device).contiguous()
+        assert tuple(state[name].shape) == expected[name], f"{file_name} -> {name}: {tuple(state[name].shape)}"
+    if tied:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    return state
 
 
 # ----------------------------------------------------------------------------- 2. config.json

@@ -19,7 +19,7 @@ and references are kept as written in the CSV (LoRA's copies are pre-tokenised: 
 GLUE (the six tasks of the KaSA paper's GLUE table: CoLA, SST-2, MRPC, QNLI, RTE, STS-B), read from
 the official TSV files, train.tsv and dev.tsv per task folder: the GLUE release zips, and MRPC built
 from its SentEval copy with GLUE's dev-ids split. Encoded for a decoder: sentence A, then for a
-pair the eos token and sentence B; a classification head reads the last real token (model.py).
+pair the eos token and sentence B; a classification head reads the last real token (tasks.py).
 """
 import csv
 import hashlib
@@ -341,6 +341,15 @@ def resolve_e2e_files(version: str = "original", data_dir=None,
     if not paths["train"].exists():
         paths["train"] = None
     return paths
+
+
+def e2e_test_groups(version: str = "original", data_dir=None, limit: int | None = None) -> list[tuple[str, list[str]]]:
+    """The E2E test MRs with their references, in the scorer's order (the first `limit`, if given)."""
+    test = resolve_e2e_files(version, data_dir)["test"]
+    groups = group_references(load_e2e_split(test))
+    if not all(refs for _, refs in groups):
+        raise DataError(f"{test} has no 'ref' column: the E2E test split needs its references (mr,ref)")
+    return groups[:limit or None]
 
 
 # -----------------------------------------------------------------------------

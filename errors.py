@@ -42,6 +42,10 @@ class OutputError(UserError, OSError):
     An OSError too, as the failed write it reports, so code that caught that OSError still does."""
 
 
+class LossNotFinite(UserError, FloatingPointError):
+    """The loss became NaN or infinite: the settings (lr, precision) are the user's to change."""
+
+
 def describe_os_error(error: OSError) -> str:
     """'no space left on device' rather than '[Errno 28] No space left on device: ...'."""
     reasons = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
@@ -81,6 +85,17 @@ def reading(path, error: type = DataError, fix: str = ""):
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise error(f"cannot read {path}: it is corrupt, truncated or of the wrong kind ({reason[:200]})"
                     f"{'; ' + fix if fix else ''}") from e
+
+
+@contextlib.contextmanager
+def users_files(error: type, what: str):
+    """The OSError / ValueError of a missing or malformed model or data file, as `error` (ours pass)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError) as e:
+        raise error(f"{what} ({type(e).__name__}: {e})") from e
 
 
 def user_errors() -> tuple:

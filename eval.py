@@ -20,16 +20,15 @@ from pathlib import Path
 
 import torch
 
-from data import encode_e2e_context, eos_and_pad_ids, group_references, load_e2e_split, resolve_e2e_files
-from errors import CheckpointError, ConfigError, DataError, reading, run_cli
-from files import write_text_atomic
-# bleu_score, glue_metrics, read_multi_references: train.py, bench/ and the tests reach them as eval.<name>.
+from data import e2e_test_groups, encode_e2e_context, eos_and_pad_ids
+from errors import CheckpointError, ConfigError, run_cli
+# Metrics and the run directory (files, settings, precision, loading) live in metrics.py and runs.py;
+# train.py, bench/ and the tests still reach some of them as eval.<name>.
 from metrics import (bleu_score, e2e_metrics, glue_metrics, read_hypotheses,  # noqa: F401
-                     read_multi_references, read_references, write_hypotheses, write_multi_references)
+                     read_multi_references, read_references, score_files, write_hypotheses, write_multi_references)
 from plots import write_plots
-# The run directory (files, settings, precision, loading) lives in runs.py; eval.<name> still works.
 from runs import (RUN_FILES, RUN_FIX, RUN_SETTINGS, check_run_dir, load_run, read_run_config,  # noqa: F401
-                  run_precision, setting)
+                  run_precision, setting, update_run_metrics)
 
 
 # ============================================= generation: beam search and greedy decoding, KV cache
@@ -82,12 +81,9 @@ class BlankLineStop:
         known = min(vocab_size, tokenizer.get_vocab_size())
         texts = tokenizer.decode_batch([[i] for i in range(known)], skip_special_tokens=False)
         texts += [""] * (vocab_size - known)  # ids the tokenizer lacks (padded embedding rows)
-
-        def table(pattern):
-            return torch.tensor([re.search(pattern, text) is not None for text in texts])
-
-        self.closes, self.completes = table(BLANK_LINE.pattern), table(r"\A[^\S\n]*\n")
-        self.opens, self.blank = table(r"\n[^\S\n]*\Z"), table(r"\A[^\S\n]*\Z")
+        self.closes, self.completes, self.opens, self.blank = (
+            torch.tensor([re.search(pattern, text) is not None for text in texts])
+            for pattern in (BLANK_LINE.pattern, r"\A[^\S\n]*\n", r"\n[^\S\n]*\Z", r"\A[^\S\n]*\Z"))
 
     def to(self, device) -> "BlankLineStop":
         for name in ("closes", "completes", "opens", "blank"):
@@ -128,45 +124,41 @@ def block_repeated_ngrams(scores, generated, lengths, n: int) -> None:
     scores.scatter_reduce_(1, generated[:, n - 1:], bans, reduce="amin")
 
 
-def check_decoding(model, prompts, config: BeamSearchConfig, eos_token_id, blank_line=None, batch_size=None):
-    """Validate the inputs of a decoder; return its eos id(s) as a (V,) bool table."""
-    if model.training:
-        raise ConfigError("decoding needs the model in eval mode (dropout would make it random): model.eval()")
-    if not prompts or any(len(p) == 0 for p in prompts) or (batch_size or 1) < 1:
-        raise ConfigError(f"decoding needs a non-empty list of non-empty prompts, and batch_size >= 1 ({batch_size})")
-    width = max(len(p) for p in prompts)
-    if model.pos_emb is not None and width + config.max_new_tokens > model.config.max_position:
-        raise ConfigError(f"a prompt of {width} tokens + max_new_tokens={config.max_new_tokens} exceeds the "
-                          f"model's {model.config.max_position} positions; shorten the prompt or lower max_new_tokens")
-    eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    is_eos = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=model.lm_head.weight.device)
-    is_eos[eos_ids] = True
-    if blank_line is not None:
-        blank_line.to(is_eos.device)
-    return is_eos
-
-
 class PromptBatch:
-    """Continuous batching: up to `max_prompts` prompts in flight in slots of `rows_per_prompt` cache
-    rows (a prompt's beams); when a prompt is done, the next waiting one takes its rows. Every row
-    feeds one token per step at its own position (the KV cache is filled row by row), so a prompt is
-    decoded as it would be alone (up to the rounding of other batch shapes). A prompt starts with a
-    prefill of all its tokens but the last, in a cache of its own copied into its rows; its last
-    token goes with the next shared step, whose logits are then its first."""
+    """A decoder's prompts, checked, and continuous batching: up to `batch_size` (default: all) in flight
+    in slots of `rows_per_prompt` cache rows (a prompt's beams); a prompt that is done hands its rows to
+    the next waiting one. Every row feeds one token per step at its own position (the KV cache is filled
+    row by row), so a prompt decodes as it would alone (up to the rounding of other batch shapes). It is
+    prefilled with all its tokens but the last, in a cache of its own copied into its rows; the last goes
+    with the next shared step, whose logits are its first. is_eos (V,): the eos ids; results: the answers."""
 
-    def __init__(self, model, prompts, rows_per_prompt: int, max_prompts: int, max_new_tokens: int):
-        self.model, self.prompts, self.K = model, prompts, rows_per_prompt
-        self.device = model.lm_head.weight.device
+    def __init__(self, model, prompts, rows_per_prompt: int, config: BeamSearchConfig, eos_token_id=None,
+                 blank_line: "BlankLineStop | None" = None, batch_size: int | None = None):
+        if model.training:
+            raise ConfigError("decoding needs the model in eval mode (dropout makes it random): model.eval()")
+        if not prompts or any(len(p) == 0 for p in prompts) or (batch_size or 1) < 1:
+            raise ConfigError("decoding needs a non-empty list of non-empty prompts, and batch_size >= 1 "
+                              f"({batch_size})")
+        width = max(len(p) for p in prompts)
+        if model.pos_emb is not None and width + config.max_new_tokens > model.config.max_position:
+            raise ConfigError(f"a prompt of {width} tokens + max_new_tokens={config.max_new_tokens} exceeds the "
+                              f"model's {model.config.max_position} positions; shorten the prompt or lower "
+                              "max_new_tokens")
+        self.model, self.prompts, self.K, self.device = model, prompts, rows_per_prompt, model.lm_head.weight.device
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.is_eos = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=self.device)
+        self.is_eos[eos] = True
+        if blank_line is not None:
+            blank_line.to(self.device)
         self.waiting = list(range(len(prompts)))[::-1]  # pop() gives the next prompt
-        slots = min(max_prompts, len(prompts))
-        self.cache = model.new_cache(slots * self.K, max(len(p) for p in prompts) + max_new_tokens)
+        slots = min(batch_size or len(prompts), len(prompts))
+        self.cache = model.new_cache(slots * self.K, width + config.max_new_tokens)
         self.prompt_ids = [-1] * slots  # which prompt each slot holds
         self.prefilled = [0] * slots  # its prefilled length: cache positions its rows all share
         self.tokens = torch.zeros(slots * self.K, dtype=torch.long, device=self.device)  # each row's next input
+        self.results = [None] * len(prompts)
 
-    @property
-    def num_slots(self) -> int:
-        return len(self.prompt_ids)
+    num_slots = property(lambda self: len(self.prompt_ids))
 
     def rows(self, slots) -> torch.Tensor:
         """The cache rows of `slots`, slot-major."""
@@ -196,11 +188,11 @@ class PromptBatch:
             self.prompt_ids[slot], self.prefilled[slot] = i, len(head)
         return slots
 
-    def finish(self, done: list[int], results: list, answer, on_done) -> tuple[list[int], list[int]]:
+    def finish(self, done: list[int], answer, on_done) -> tuple[list[int], list[int]]:
         """results[prompt] = answer(slot) for every `done` slot; return (the slots to keep, the done
         slots that a waiting prompt takes); the others, which no prompt will take, are dropped."""
         for slot in done:
-            results[self.prompt_ids[slot]] = answer(slot)
+            self.results[self.prompt_ids[slot]] = answer(slot)
             if on_done is not None:
                 on_done(self.prompt_ids[slot])
         dropped = set(done[len(self.waiting):])
@@ -210,8 +202,7 @@ class PromptBatch:
     def reorder(self, keep: list[int], rows, tokens) -> None:
         """Keep slots `keep`, in order; cache row i takes over row rows[i] (its parent beam's) and
         feeds tokens[i] next."""
-        self.prompt_ids = [self.prompt_ids[s] for s in keep]
-        self.prefilled = [self.prefilled[s] for s in keep]
+        self.prompt_ids, self.prefilled = [self.prompt_ids[s] for s in keep], [self.prefilled[s] for s in keep]
         self.cache.reorder(rows, start=min(self.prefilled, default=0))
         self.tokens = tokens
 
@@ -223,21 +214,18 @@ def greedy_search(model, prompts: list[list[int]], eos_token_id=None, config: Be
     """Greedy decoding of every prompt (token id lists): at each step the most likely token the n-gram
     rule allows, until the text ends; returns each continuation, eos left out. batch_size prompts
     (default: all) are decoded at once, one row each; on_done(i) is called when prompt i is done."""
-    cfg = config
-    is_eos = check_decoding(model, prompts, cfg, eos_token_id, blank_line, batch_size)
-    batch = PromptBatch(model, prompts, 1, batch_size or len(prompts), cfg.max_new_tokens)
-    S, device = batch.num_slots, is_eos.device
-    generated = torch.zeros(S, cfg.max_new_tokens, dtype=torch.long, device=device)
+    batch = PromptBatch(model, prompts, 1, config, eos_token_id, blank_line, batch_size)
+    S, device, is_eos = batch.num_slots, batch.device, batch.is_eos
+    generated = torch.zeros(S, config.max_new_tokens, dtype=torch.long, device=device)
     steps = torch.zeros(S, dtype=torch.long, device=device)  # tokens generated so far
     line_open = torch.zeros(S, dtype=torch.bool, device=device)
-    results = [None] * len(prompts)
     batch.start(list(range(S)))
     while batch.num_slots:
         logits = batch.logits()
-        block_repeated_ngrams(logits, generated, steps, cfg.no_repeat_ngram_size)
+        block_repeated_ngrams(logits, generated, steps, config.no_repeat_ngram_size)
         tokens = logits.argmax(-1)
         rows = torch.arange(len(tokens), device=device)
-        ends = ending_tokens(is_eos, blank_line, line_open, steps == cfg.max_new_tokens - 1)[rows, tokens]
+        ends = ending_tokens(is_eos, blank_line, line_open, steps == config.max_new_tokens - 1)[rows, tokens]
         generated[rows, steps] = tokens
         steps += (~is_eos[tokens]).long()  # an eos is not part of the answer
         if blank_line is not None:
@@ -246,13 +234,13 @@ def greedy_search(model, prompts: list[list[int]], eos_token_id=None, config: Be
         done = ends.nonzero().flatten().tolist()  # the one host sync of a step
         if not done:
             continue
-        keep, restart = batch.finish(done, results, lambda s: generated[s, :steps[s]].tolist(), on_done)
+        keep, restart = batch.finish(done, lambda s: generated[s, :steps[s]].tolist(), on_done)
         if len(keep) < len(rows):  # no prompt waits for the others
             batch.reorder(keep, torch.tensor(keep, dtype=torch.long, device=device), tokens[keep])
             generated, steps, line_open = generated[keep], steps[keep], line_open[keep]
         started = batch.start(restart)
         steps[started], line_open[started] = 0, False
-    return results
+    return batch.results
 
 
 def top_pairs(running, logits, log_norm, K: int):
@@ -260,8 +248,7 @@ def top_pairs(running, logits, log_norm, K: int):
     beams, tokens), each (prompts, K). They are among the K best tokens of each beam, so only K*K pairs
     are ranked, not K*V. running (prompts, K); logits (prompts*K, V); log-probs = logits - log_norm."""
     values, tokens = logits.topk(K, dim=-1)
-    scores = (running.reshape(-1, 1) + (values - log_norm)).view(-1, K * K)
-    scores, pairs = scores.topk(K, dim=1)
+    scores, pairs = (running.reshape(-1, 1) + (values - log_norm)).view(-1, K * K).topk(K, dim=1)
     return scores, pairs // K, tokens.view(-1, K * K).gather(1, pairs)
 
 
@@ -297,15 +284,13 @@ def beam_search(model, prompts: list[list[int]], eos_token_id=None, config: Beam
     whose text completes a blank line (that token is kept). batch_size prompts (default: all) are
     searched at once, num_beams rows each; on_done(i) is called when prompt i is done."""
     cfg, K = config, config.num_beams
-    is_eos = check_decoding(model, prompts, cfg, eos_token_id, blank_line, batch_size)
-    batch = PromptBatch(model, prompts, K, batch_size or len(prompts), cfg.max_new_tokens)
-    S, device = batch.num_slots, is_eos.device
+    batch = PromptBatch(model, prompts, K, cfg, eos_token_id, blank_line, batch_size)
+    S, device, is_eos = batch.num_slots, batch.device, batch.is_eos
     running = torch.full((S, K), -math.inf, device=device)  # s_b of every running beam
     finished = Hypotheses(S, K, cfg.max_new_tokens, device)
     steps = torch.zeros(S, dtype=torch.long, device=device)  # tokens generated so far
     generated = torch.zeros(S * K, cfg.max_new_tokens, dtype=torch.long, device=device)
     line_open = torch.zeros(S * K, dtype=torch.bool, device=device)
-    results = [None] * len(prompts)
 
     def restart(slots):
         running[slots] = -math.inf
@@ -337,8 +322,7 @@ def beam_search(model, prompts: list[list[int]], eos_token_id=None, config: Beam
             line_open = blank_line.advance(line_open[rows], tokens)
         steps += 1
         done = done.nonzero().flatten().tolist()  # the one host sync of a step
-        keep, free = batch.finish(done, results, lambda s: finished.best[s, :finished.best_length[s]].tolist(),
-                                  on_done)
+        keep, free = batch.finish(done, lambda s: finished.best[s, :finished.best_length[s]].tolist(), on_done)
         if len(keep) < n:  # no prompt waits for the slots dropped
             rows, kept_rows = rows.view(n, K)[keep].flatten(), batch.rows(keep)
             running, steps = running[keep], steps[keep]
@@ -346,7 +330,7 @@ def beam_search(model, prompts: list[list[int]], eos_token_id=None, config: Beam
             generated, line_open, tokens = generated[kept_rows], line_open[kept_rows], tokens[kept_rows]
         batch.reorder(keep, rows, tokens)  # each beam's cache rows follow its parent
         restart(batch.start(free))
-    return results
+    return batch.results
 
 
 def generate_texts(model, tokenizer, prompts: list[list[int]], eos_token_id=None,
@@ -376,7 +360,7 @@ def generate_texts(model, tokenizer, prompts: list[list[int]], eos_token_id=None
 
 def evaluate_e2e(model, tokenizer, groups: list[tuple[str, list[str]]], eos_token_id, out_dir,
                  beam: BeamSearchConfig = BeamSearchConfig(), batch_size: int = 8) -> dict:
-    """Beam-search one output per unique MR (`groups`: data.group_references of the test split), write
+    """Beam-search one output per unique MR (`groups`: data.e2e_test_groups), write
     predictions.txt and references.txt in the e2e-metrics formats, return the five metrics. The
     caller merges the adapter first, so decoding runs at the base model's speed."""
     out_dir = Path(out_dir)
@@ -387,21 +371,12 @@ def evaluate_e2e(model, tokenizer, groups: list[tuple[str, list[str]]], eos_toke
     return {**e2e_metrics(hyps, [refs for _, refs in groups]), "eval_mrs": len(groups)}
 
 
-def e2e_test_groups(config) -> list[tuple[str, list[str]]]:
-    """The run's test MRs with their references, in the scorer's order (the first max_eval_examples)."""
-    test = resolve_e2e_files(setting(config, "data_version"), setting(config, "data_dir"))["test"]
-    groups = group_references(load_e2e_split(test))
-    if not all(refs for _, refs in groups):
-        raise DataError(f"{test} has no 'ref' column: the E2E test split needs its references (mr,ref)")
-    return groups[:setting(config, "max_eval_examples") or None]
-
-
 def e2e_evaluator(config, tokenizer):
     """The E2E evaluation of a run, the one both train.py and `eval.py --checkpoint` run. Reads the
     test set now (a bad file stops a run before it trains) and returns evaluate(merged model in eval
     mode, out_dir) -> metrics: it decodes with the run's beam settings under the autocast train.py
     trains with, writes predictions.txt and references.txt into out_dir, and scores them."""
-    groups = e2e_test_groups(config)
+    groups = e2e_test_groups(*(setting(config, name) for name in ("data_version", "data_dir", "max_eval_examples")))
     beam = BeamSearchConfig(**{name: setting(config, name) for name in
                                ("num_beams", "max_new_tokens", "length_penalty", "no_repeat_ngram_size")})
 
@@ -417,23 +392,15 @@ def e2e_evaluator(config, tokenizer):
 def evaluate_run(run_dir, task: str = "e2e") -> dict:
     """`python eval.py --checkpoint RUN_DIR`: decode and score with the run's own settings, write predictions.txt,
     references.txt and metrics.json (the scores replace the run's; its other entries, e.g. train_steps, stay)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    run_dir = check_run_dir(run_dir)
-    config = read_run_config(run_dir)
-    if config["task"] != task:
-        raise ConfigError(f"{run_dir} is a {config['task']!r} run, not {task!r}: eval.py --checkpoint decodes "
-                          "E2E runs (a GLUE run's dev scores are in its metrics.json)")
-    model, tokenizer, config = load_run(run_dir, device)
+    device, run_dir = "cuda" if torch.cuda.is_available() else "cpu", check_run_dir(run_dir)
+    model, tokenizer, config = load_run(run_dir, device, task)
     if tokenizer is None:
         raise CheckpointError(f"the run's model {config['model']!r} ships no tokenizer; E2E decoding needs one")
     evaluate = e2e_evaluator(config, tokenizer)
     print(f"decoding the E2E test set with {run_dir}: {config['num_beams']} beams, "
           f"at most {config['max_new_tokens']} new tokens, on {device}", file=sys.stderr)
-    metrics, previous = evaluate(model, run_dir), {}
-    if (run_dir / "metrics.json").is_file():
-        with reading(run_dir / "metrics.json", CheckpointError, RUN_FIX):
-            previous = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    write_text_atomic(run_dir / "metrics.json", json.dumps({**previous, **metrics}, indent=2))
+    metrics = evaluate(model, run_dir)
+    update_run_metrics(run_dir, metrics)
     print(json.dumps(metrics, indent=2))
     return metrics
 
@@ -474,11 +441,7 @@ def main(argv=None) -> dict:
         return evaluate_run(args.checkpoint, args.task)
     if args.refs is None or args.hyps is None:
         parser.error("give --refs REFS --hyps HYPS (outputs to score), --checkpoint RUN_DIR, or --plots RUN_DIR")
-    refs, hyps = read_references(args.refs), read_hypotheses(args.hyps)
-    if len(hyps) != len(refs):
-        raise DataError(f"{args.hyps} holds {len(hyps)} outputs but {args.refs} holds {len(refs)} reference "
-                        "groups; give one output per line, in the order of the reference groups")
-    scores = e2e_metrics(hyps, refs)
+    scores = score_files(args.refs, args.hyps)
     print(json.dumps(scores, indent=2))
     return scores
 

@@ -68,6 +68,19 @@ def save_safetensors_atomic(tensors: dict, path, metadata: dict | None = None) -
     return write_atomic(path, lambda f: f.write(blob))
 
 
+def make_out_dir(out_dir) -> Path:
+    """Create a run's --out-dir, and remove the temporary files a killed run left there (write_atomic's)."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create --out-dir {out_dir}: {describe_os_error(e)}") from e
+    for leftover in out_dir.glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            leftover.unlink()
+    return out_dir
+
+
 class DirectoryInUse(OutputError, FileExistsError):
     """out_dir is a file, or a directory with files of its own: write_dir_atomic does not replace it."""
 

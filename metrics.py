@@ -491,3 +491,11 @@ def read_references(path) -> list[list[str]]:
                         "groups separated by a blank line")
     return [[ref] for ref in groups[0]] if len(groups) == 1 else groups
 
+
+def score_files(refs_path, hyps_path) -> dict[str, float | None]:
+    """`eval.py --refs REFS --hyps HYPS`: the five E2E metrics of the outputs in one file against the other's."""
+    refs, hyps = read_references(refs_path), read_hypotheses(hyps_path)
+    if len(hyps) != len(refs):
+        raise DataError(f"{hyps_path} holds {len(hyps)} outputs but {refs_path} holds {len(refs)} reference "
+                        "groups; give one output per line, in the order of the reference groups")
+    return e2e_metrics(hyps, refs)

@@ -12,15 +12,15 @@ TinyLlama, SmolLM2) differ in a handful of choices; one `Transformer` covers bot
 Attention projections are separate nn.Linear layers q_proj, k_proj, v_proj, o_proj in both families
 (GPT-2's fused c_attn is split at load time), so KaSA adapters target the same names everywhere.
 
-Reading order: config -> norm/RoPE -> attention + KV cache -> MLP -> block -> model ->
-classification head -> load_pretrained. Machinery a reader may skip lives elsewhere: the file
-formats (safetensors, .bin, GGUF, tokenizers, hub ids) in checkpoints.py, export in export.py.
+Reading order: config -> norm/RoPE -> attention + KV cache -> MLP -> block -> model -> load_pretrained.
+Machinery a reader may skip lives elsewhere: the file formats (safetensors, .bin, GGUF, tokenizers, hub
+ids) in checkpoints.py, export in export.py, GLUE's classification head in tasks.py.
 
     model, tokenizer = load_pretrained("path/or/hub-id/or/file.gguf", dtype=torch.bfloat16)
     logits, loss = model(input_ids, targets)       # targets already shifted by the caller
     loss = model.loss(input_ids, targets, attention_mask)  # the same loss, logits only where there are targets
     h = model.hidden_states(input_ids, attention_mask)               # (B, T, d), final-normed
-    scores = ClassificationHead(d_model, num_labels)(h, attention_mask)  # GLUE: reads the last real token
+    scores = tasks.ClassificationHead(d_model, num_labels)(h, attention_mask)  # GLUE: reads the last real token
     cache = model.new_cache(batch_size, max_len)   # then model(new_ids, attention_mask=..., cache=cache)
     out = model.generate(input_ids, max_new_tokens, eos_token_id, attention_mask)
 """
@@ -146,13 +146,8 @@ class KVCache:
         self.row_lengths: torch.Tensor | None = None  # (B,) long, once filled row by row
         self._scratch = None  # one layer's buffer for in-place reorders, made on first use
 
-    @property
-    def batch_size(self) -> int:
-        return self.k[0].shape[0]
-
-    @property
-    def max_len(self) -> int:
-        return self.k[0].shape[2]
+    batch_size = property(lambda self: self.k[0].shape[0])
+    max_len = property(lambda self: self.k[0].shape[2])
 
     def positions(self, T: int) -> torch.Tensor:
         """(B, T): the position each row's next T tokens take."""
@@ -423,36 +418,6 @@ class Transformer(nn.Module):
         return out
 
 
-# ----------------------------------------------------------------------------- sequence classification
-# GLUE on a decoder: under causal attention only the last real token has seen the whole sequence,
-# so a linear head reads the hidden state there (as transformers' GPT2ForSequenceClassification).
-
-def last_token_states(hidden, attention_mask):
-    """(B, T, d) hidden states -> (B, d): each row's state at its last position with attention_mask 1.
-
-    Found from the mask, not from a pad id, so it works with left or right padding and with models
-    that pad with eos (GPT-2 has no pad token)."""
-    positions = torch.arange(hidden.shape[1], device=hidden.device)
-    last = torch.where(attention_mask.bool(), positions, -1).amax(dim=1)
-    if (last < 0).any():
-        raise ValueError("a row of attention_mask is all zeros: every sequence needs at least one token")
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-
-
-class ClassificationHead(nn.Module):
-    """num_labels scores from the last real token's hidden state (num_labels=1: a regression, e.g. STS-B).
-
-    It lives beside the Transformer, not inside it, so adapters see the same module names with or
-    without a head; it trains with the adapter and is saved beside it."""
-
-    def __init__(self, d_model: int, num_labels: int):
-        super().__init__()
-        self.score = nn.Linear(d_model, num_labels)
-
-    def forward(self, hidden, attention_mask):
-        return self.score(last_token_states(hidden, attention_mask).to(self.score.weight.dtype))
-
-
 # ----------------------------------------------------------------------------- load_pretrained
 
 def load_pretrained(name_or_path, dtype=torch.float32, device="cpu"):
@@ -462,29 +427,20 @@ def load_pretrained(name_or_path, dtype=torch.float32, device="cpu"):
     in `dtype` on `device`; names and shapes must match exactly (no random init, no strict=False).
     The tokenizer is a `tokenizers.Tokenizer`, or None. A file that is missing, corrupt or of
     another model raises errors.CheckpointError, naming it and the fix."""
-    from checkpoints import check_tensors, read_checkpoint  # the file formats: a module of their own
+    from checkpoints import read_checkpoint, read_state_dict  # the file formats: a module of their own
     cfg, tensors, tokenizer, source = read_checkpoint(name_or_path)  # {our name: (name in file, shape, load)}
     with torch.device("meta"):
         model = Transformer(cfg)  # no memory and no random init: every tensor comes from the file
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()
-                if not (cfg.tie_embeddings and name == "lm_head.weight")}  # a tied lm_head is tok_emb
-    check_tensors(source, expected, tensors)  # every name and shape, before any weight is read
-    state = {}
-    for name, (file_name, _, load) in tensors.items():  # read one at a time, straight into dtype
-        state[name] = load(dtype).to(device).contiguous()
-        assert tuple(state[name].shape) == expected[name], f"{file_name} -> {name}: {tuple(state[name].shape)}"
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["tok_emb.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(read_state_dict(model, tensors, source, dtype, device), strict=True, assign=True)
     model.tie_weights()  # assign=True replaced the shared Parameter with two; share it again
     return model.eval(), tokenizer
 
 
-# Names that moved to checkpoints.py / export.py still import from here, lazily (PEP 562).
+# Names that moved to checkpoints.py / export.py / tasks.py still import from here, lazily (PEP 562).
 _MOVED = {"CheckpointError": "errors", "SUPPORTED_MODEL_TYPES": "checkpoints", "byte_level_bpe": "checkpoints",
           "load_tokenizer": "checkpoints", "unpermute_qk": "checkpoints", "hf_config": "export",
           "hf_state_dict": "export", "peft_lora_weights": "export", "save_hf_checkpoint": "export",
-          "save_peft_adapter": "export"}
+          "save_peft_adapter": "export", "ClassificationHead": "tasks", "last_token_states": "tasks"}
 
 
 def __getattr__(name: str):

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from errors import CheckpointError, ConfigError, reading
+from files import write_text_atomic
 
 
 def setting(config, name: str):
@@ -63,16 +64,20 @@ def read_run_config(run_dir: Path) -> dict:
     return config
 
 
-def load_run(run_dir, device="cpu"):
+def load_run(run_dir, device="cpu", task: str | None = None):
     """(model, tokenizer, config dict) of a finished training run: the pretrained model named in
     RUN_DIR/config.json, in the precision the run trained in, with RUN_DIR/adapter.safetensors
-    loaded and merged (no SVD is run); full fine-tuning: the weights of RUN_DIR/checkpoint.pt."""
+    loaded and merged (no SVD is run); full fine-tuning: the weights of RUN_DIR/checkpoint.pt.
+    task: the run must be of that task (checked before any model is loaded)."""
     from safetensors.torch import load_file
 
     import kasa
     from model import load_pretrained
     run_dir = check_run_dir(run_dir)
     config = read_run_config(run_dir)
+    if task is not None and config["task"] != task:
+        raise ConfigError(f"{run_dir} is a {config['task']!r} run, not {task!r}: eval.py --checkpoint decodes "
+                          "E2E runs (a GLUE run's dev scores are in its metrics.json)")
     _, base_dtype = run_precision(config["dtype"], torch.device(device).type, config["method"])
     try:
         model, tokenizer = load_pretrained(config["model"], dtype=base_dtype, device=device)
@@ -91,3 +96,12 @@ def load_run(run_dir, device="cpu"):
                               f"{config['model']!r}: {e}") from e
     kasa.merge_kasa(model)
     return model.eval(), tokenizer, config
+
+
+def update_run_metrics(run_dir: Path, metrics: dict) -> Path:
+    """Write `metrics` into RUN_DIR/metrics.json, replacing those entries; the others (e.g. train_steps) stay."""
+    path, previous = run_dir / "metrics.json", {}
+    if path.is_file():
+        with reading(path, CheckpointError, RUN_FIX):
+            previous = json.loads(path.read_text(encoding="utf-8"))
+    return write_text_atomic(path, json.dumps({**previous, **metrics}, indent=2))

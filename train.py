@@ -39,11 +39,11 @@ import errors
 import eval as evaluation
 import files
 import kasa
-from errors import CheckpointError, ConfigError, OutputError
+from errors import CheckpointError, ConfigError, LossNotFinite
 from files import write_text_atomic  # noqa: F401 - bench scripts import it from here
 from model import load_pretrained, save_hf_checkpoint, save_peft_adapter
 from tasks import (GLUE_SELECT_BY, PRESETS, TASKS, Task, TrainConfig,  # noqa: F401 - bench/sweep.py reads
-                   adapt_model, calibration_statistics, parse_config, report_truncation,  # PRESETS and
+                   adapt_model, calibration_statistics, cpu_note, parse_config, report_truncation,  # PRESETS and
                    resume_differences, validate)  # GLUE_SELECT_BY here
 
 # -----------------------------------------------------------------------------
@@ -73,8 +73,7 @@ class Run:
 
 def init_distributed():
     """(rank, world size, device) under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK), or one process."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world, local_rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     if world == 1:
         return 0, 1, device
@@ -90,18 +89,9 @@ def start_run(config: TrainConfig) -> Run:
     run = Run(config, *init_distributed())
     run.amp_dtype, run.base_dtype = evaluation.run_precision(config.dtype, run.device_type, config.method)
     if run.is_main:
-        try:
-            run.out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OutputError(f"cannot create --out-dir {run.out_dir}: {errors.describe_os_error(e)}") from e
-        for leftover in run.out_dir.glob(".*.tmp"):  # a killed run's half-written file (files.write_atomic)
-            with contextlib.suppress(OSError):
-                leftover.unlink()
-    if run.device_type == "cpu" and config.max_steps is None and config.model == TrainConfig(**PRESETS[config.task]).model:
-        run.log(f"note: this is the paper's full setting ({config.model}, {config.epochs} epochs): it needs a GPU, and "
-                "on this CPU it takes days. A CPU-sized run (a small model, a few hundred steps, minutes):\n  python "
-                f"train.py --task {config.task} --model HuggingFaceTB/SmolLM2-135M-Instruct --max-steps 100 " + (
-                    "--warmup-ratio 0.06 --max-eval-examples 50 --num-beams 4" if config.task == "e2e" else "--batch-size 8"))
+        files.make_out_dir(run.out_dir)  # removing the half-written files of a killed run
+    if run.device_type == "cpu" and (note := cpu_note(config)):  # the paper's setting: what to run instead
+        run.log(note)
     torch.manual_seed(config.seed)          # the same seed on every rank: the same adapter init
     return run
 
@@ -134,28 +124,17 @@ def load_checkpoint(run: Run) -> dict:
 #    adapts them), and what KaSA's truncation costs (tasks.report_truncation)
 
 
-@contextlib.contextmanager
-def users_files(error: type, what: str):
-    """The OSError / ValueError of a missing or malformed model or data file, as `error` (ours pass)."""
-    try:
-        yield
-    except errors.UserError:
-        raise
-    except (OSError, ValueError) as e:
-        raise error(f"{what} ({type(e).__name__}: {e})") from e
-
-
 def load_model(run: Run, checkpoint: dict | None):
     """The pretrained model, the task, then the adapter: KaSA's SVD truncation happens here, on every
     rank (the SVD is deterministic, and DDP also broadcasts rank 0's weights), or, on --resume, the
     saved truncation and adapter are loaded instead (no SVD)."""
     config = run.config
     run.log(f"loading {config.model} ({str(run.base_dtype).removeprefix('torch.')}, {run.device})")
-    with users_files(CheckpointError, f"--model {config.model}: cannot load it"):
+    with errors.users_files(CheckpointError, f"--model {config.model}: cannot load it"):
         model, tokenizer = load_pretrained(config.model, dtype=run.base_dtype, device=run.device)
     if config.max_len > model.config.max_position:
         raise ConfigError(f"--max-len {config.max_len}: {config.model} reads at most {model.config.max_position} tokens")
-    with users_files(errors.DataError, f"--task {config.task}: cannot load its data"):
+    with errors.users_files(errors.DataError, f"--task {config.task}: cannot load its data"):
         task = TASKS[config.task](config, model, tokenizer)
     fresh = checkpoint is None
     with contextlib.nullcontext() if fresh else errors.reading(run.checkpoint_path, CheckpointError,
@@ -326,10 +305,6 @@ class TaskLoss(nn.Module):
 
     def forward(self, batch):
         return self.loss(self.model, batch)
-
-
-class LossNotFinite(errors.UserError, FloatingPointError):
-    """The loss became NaN or infinite: the settings (lr, precision) are the user's to change."""
 
 
 def all_ranks_sum(run: Run, *values: float) -> list:

@@ -60,6 +60,15 @@ def e2e_prompts(data_dir: Path, tokenizer, eos_id: int, n: int) -> list[list[int
     return sorted((data.encode_e2e_context(tokenizer, mr, eos_id) for mr, _ in groups[:n]), key=len)
 
 
+def continuation_no_repeat_ngram(n: int, prompt_len: int):
+    """transformers' n-gram blocking on the tokens after the prompt only (the rule eval.py follows), as a
+    logits processor (input_ids, scores) -> scores for a LogitsProcessorList. transformers is imported
+    here, not at the top: it is not a runtime dependency of the project."""
+    import transformers
+    block = transformers.NoRepeatNGramLogitsProcessor(n)
+    return lambda input_ids, scores: block(input_ids[:, prompt_len:], scores)
+
+
 def transformers_decoder(hf, eos_id: int, pad_id: int, config: E.BeamSearchConfig, batch_size: int,
                          blank_line: E.BlankLineStop | None = None):
     """A function prompts -> continuations (cut before eos) by transformers' generate, in left-padded
@@ -67,13 +76,6 @@ def transformers_decoder(hf, eos_id: int, pad_id: int, config: E.BeamSearchConfi
     ends a row (a beam candidate, in beam search) whose continuation completes a blank line, by the
     same token tables as eval.BlankLineStop, so both sides stop at the same tokens."""
     import transformers
-
-    class ContinuationNoRepeatNGram(transformers.LogitsProcessor):
-        def __init__(self, n, prompt_len):
-            self.block, self.prompt_len = transformers.NoRepeatNGramLogitsProcessor(n), prompt_len
-
-        def __call__(self, input_ids, scores):
-            return self.block(input_ids[:, self.prompt_len:], scores)
 
     class BlankLineCriteria(transformers.StoppingCriteria):
         def __init__(self, prompt_len):
@@ -101,7 +103,7 @@ def transformers_decoder(hf, eos_id: int, pad_id: int, config: E.BeamSearchConfi
             with torch.inference_mode():
                 out = hf.generate(ids, attention_mask=mask, generation_config=generation, stopping_criteria=stop,
                                   logits_processor=transformers.LogitsProcessorList(
-                                      [ContinuationNoRepeatNGram(config.no_repeat_ngram_size, width)]))
+                                      [continuation_no_repeat_ngram(config.no_repeat_ngram_size, width)]))
             for row in out[:, width:].tolist():
                 results.append(row[:row.index(eos_id)] if eos_id in row else row)
         return results
@@ -135,7 +137,8 @@ def profile_beam_search(ours, prompts, eos_id, config, batch_size, blank_line=No
     return rows
 
 
-def main(argv=None):
+def parse_args(argv):
+    """The flags, checked; with --adapter also the run's config.json (and its model, without --model)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.environ.get("KASA_SMOLLM2_GGUF"),
                         help="SmolLM2 .gguf file (default: $KASA_SMOLLM2_GGUF)")
@@ -166,6 +169,53 @@ def main(argv=None):
         raise ConfigError(f"no data folder at {args.data_dir!r}: pass --data-dir DIR or set KASA_DATA_DIR")
     if min(args.mrs, args.batch_size, args.num_beams, args.max_new_tokens, args.repeats, args.threads) < 1:
         raise ConfigError("--mrs, --batch-size, --num-beams, --max-new-tokens, --repeats and --threads must be >= 1")
+    return args, run_config
+
+
+def load_models(args, run_config, gguf: Path):
+    """(ours, tokenizer, transformers' model, the adapter's settings or None): the GGUF on both sides,
+    or with --adapter the run's merged model, and the same merged weights (export's HF names) in transformers."""
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                           dtype=torch.float32).eval()
+    if run_config is None:
+        ours, tokenizer = M.load_pretrained(args.model, dtype=torch.float32)
+        return ours.eval(), tokenizer, hf, None
+    import export
+    ours, tokenizer, _ = E.load_run(args.adapter)
+    missing, unexpected = hf.load_state_dict(export.hf_state_dict(ours), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise ConfigError(f"the run's merged weights do not fit transformers' model: missing {missing}, "
+                          f"unexpected {unexpected}")
+    hf.tie_weights()
+    adapter = {name: run_config.get(name) for name in ("method", "r", "targets", "max_steps", "lr")}
+    return ours.eval(), tokenizer, hf, adapter
+
+
+def compare(beams: int, ours, hf, prompts, eos_id: int, pad_id: int, blank_line, args) -> tuple[str, dict]:
+    """Time the decoder of `beams` beams (1: greedy) on both sides, after one short untimed call each;
+    print its table row; return (its label, its results)."""
+    config = E.BeamSearchConfig(num_beams=beams, max_new_tokens=args.max_new_tokens)
+    search = E.greedy_search if beams == 1 else E.beam_search
+    theirs = transformers_decoder(hf, eos_id, pad_id, config, args.batch_size, blank_line)
+    fns = {"ours": lambda: search(ours, prompts, eos_id, config, blank_line, args.batch_size),
+           "transformers": lambda: theirs(prompts)}
+    warm = E.BeamSearchConfig(num_beams=beams, max_new_tokens=4)
+    search(ours, prompts[:2], eos_id, warm, blank_line, 2)
+    transformers_decoder(hf, eos_id, pad_id, warm, 2, blank_line)(prompts[:2])
+    runs, out = timed_alternately(fns, args.repeats)
+    t = {name: statistics.median(seconds) for name, seconds in runs.items()}
+    same = sum(a == b for a, b in zip(out["ours"], out["transformers"]))
+    mean_new = statistics.mean(len(o) for o in out["ours"])
+    label = "greedy" if beams == 1 else f"beam-{beams}"
+    print(f"| {label} | {t['ours']:.1f} | {t['transformers']:.1f} | {t['ours'] / t['transformers']:.3f} "
+          f"| {same}/{len(prompts)} | {mean_new:.1f} |", flush=True)
+    return label, dict(ours_s=t["ours"], transformers_s=t["transformers"], ratio=t["ours"] / t["transformers"],
+                       same_outputs=same, mean_new_tokens=mean_new, runs_s=runs)
+
+
+def main(argv=None):
+    args, run_config = parse_args(argv)
     torch.set_num_threads(args.threads)
     import transformers
     transformers.logging.set_verbosity_error()
@@ -173,21 +223,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore")
 
     gguf = Path(args.model).resolve()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                           dtype=torch.float32).eval()
-    adapter = None
-    if run_config is None:
-        ours, tokenizer = M.load_pretrained(args.model, dtype=torch.float32)
-    else:  # the run's merged model, and the same merged weights (export's HF names) in transformers
-        import export
-        ours, tokenizer, _ = E.load_run(args.adapter)
-        missing, unexpected = hf.load_state_dict(export.hf_state_dict(ours), strict=False)
-        if unexpected or set(missing) - {"lm_head.weight"}:
-            raise ConfigError(f"the run's merged weights do not fit transformers' model: missing {missing}, "
-                              f"unexpected {unexpected}")
-        hf.tie_weights()
-        adapter = {name: run_config.get(name) for name in ("method", "r", "targets", "max_steps", "lr")}
-    ours.eval()
+    ours, tokenizer, hf, adapter = load_models(args, run_config, gguf)
     eos_id, pad_id = data.eos_and_pad_ids(ours.config)
     blank_line = E.BlankLineStop(tokenizer, ours.config.vocab_size) if args.blank_line_stop else None
     prompts = e2e_prompts(Path(args.data_dir), tokenizer, eos_id, args.mrs)
@@ -217,27 +253,10 @@ def main(argv=None):
     print("| decoder | ours s | transformers s | time ours / transformers | same tokens | mean new tokens |")
     print("|---|---|---|---|---|---|")
     for name, beams in (("greedy", 1), ("beam", args.num_beams)):
-        if name in skip:
-            continue
-        config = E.BeamSearchConfig(num_beams=beams, max_new_tokens=args.max_new_tokens)
-        search = E.greedy_search if beams == 1 else E.beam_search
-        theirs = transformers_decoder(hf, eos_id, pad_id, config, args.batch_size, blank_line)
-        fns = {"ours": lambda: search(ours, prompts, eos_id, config, blank_line, args.batch_size),
-               "transformers": lambda: theirs(prompts)}
-        warm = E.BeamSearchConfig(num_beams=beams, max_new_tokens=4)
-        search(ours, prompts[:2], eos_id, warm, blank_line, 2)
-        transformers_decoder(hf, eos_id, pad_id, warm, 2, blank_line)(prompts[:2])
-        runs, out = timed_alternately(fns, args.repeats)
-        t = {name: statistics.median(seconds) for name, seconds in runs.items()}
-        same = sum(a == b for a, b in zip(out["ours"], out["transformers"]))
-        mean_new = statistics.mean(len(o) for o in out["ours"])
-        label = "greedy" if beams == 1 else f"beam-{beams}"
-        print(f"| {label} | {t['ours']:.1f} | {t['transformers']:.1f} | {t['ours'] / t['transformers']:.3f} "
-              f"| {same}/{len(prompts)} | {mean_new:.1f} |", flush=True)
-        results["decoders"][label] = dict(ours_s=t["ours"], transformers_s=t["transformers"],
-                                          ratio=t["ours"] / t["transformers"], same_outputs=same,
-                                          mean_new_tokens=mean_new, runs_s=runs)
-        write()
+        if name not in skip:
+            label, row = compare(beams, ours, hf, prompts, eos_id, pad_id, blank_line, args)
+            results["decoders"][label] = row
+            write()
     if args.profile:
         config = E.BeamSearchConfig(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
         results["beam_profile"] = profile_beam_search(ours, prompts, eos_id, config, args.batch_size, blank_line)

@@ -338,7 +338,7 @@ def bench_loading(sources: dict, repeats: int):
     return rows
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.environ.get(MODEL_ENV),
                         help=f"a llama-architecture .gguf file (default: ${MODEL_ENV}; ignored with --random)")
@@ -368,53 +368,36 @@ def main(argv=None):
     parser.add_argument("--loss-rtol", type=float, default=None,
                         help="how far the losses of the two models may differ (default 1e-3; 2e-2 with bf16)")
     parser.add_argument("--measure-load", nargs=2, metavar=("LOADER", "SOURCE"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.measure_load:
-        print(json.dumps(measure_load(*args.measure_load)))
+    return parser
+
+
+def check_sources(args) -> None:
+    """Without --random: the GGUF and the E2E data must be there (--e2e-dir defaults to $KASA_DATA_DIR/e2e)."""
+    if args.random:
         return
-    if not args.random:
-        if not args.model:
-            raise errors.ConfigError(f"no model: pass --model PATH (SmolLM2-135M-Instruct.Q4_1.gguf) or set "
-                                     f"{MODEL_ENV}, or use --random")
-        if not Path(args.model).is_file():
-            raise errors.ConfigError(f"--model {args.model} is not a file; point --model or {MODEL_ENV} at the GGUF")
-        if args.e2e_dir is None and os.environ.get(DATA_ENV):
-            args.e2e_dir = Path(os.environ[DATA_ENV]) / "e2e"
-        if args.e2e_dir is None or not args.e2e_dir.is_dir():
-            raise errors.ConfigError(f"no E2E data{f' at {args.e2e_dir}' if args.e2e_dir else ''}: pass --e2e-dir DIR "
-                                     f"or set {DATA_ENV} to a folder holding e2e/")
-    import transformers
-    transformers.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT calls a deprecated transformers API
-    device = torch.device(args.device)
-    args.loss_rtol = args.loss_rtol or (2e-2 if device.type == "cuda" else 1e-3)
-    skip = set(filter(None, args.skip.split(",")))
+    if not args.model:
+        raise errors.ConfigError(f"no model: pass --model PATH (SmolLM2-135M-Instruct.Q4_1.gguf) or set "
+                                 f"{MODEL_ENV}, or use --random")
+    if not Path(args.model).is_file():
+        raise errors.ConfigError(f"--model {args.model} is not a file; point --model or {MODEL_ENV} at the GGUF")
+    if args.e2e_dir is None and os.environ.get(DATA_ENV):
+        args.e2e_dir = Path(os.environ[DATA_ENV]) / "e2e"
+    if args.e2e_dir is None or not args.e2e_dir.is_dir():
+        raise errors.ConfigError(f"no E2E data{f' at {args.e2e_dir}' if args.e2e_dir else ''}: pass --e2e-dir DIR "
+                                 f"or set {DATA_ENV} to a folder holding e2e/")
+
+
+def timing_hooks(device: torch.device):
+    """(autocast context factory, synchronize): bf16 autocast and a CUDA sync on CUDA, nothing on the CPU."""
     if device.type == "cuda":
         def autocast():
             return torch.autocast("cuda", dtype=torch.bfloat16)
-        sync = torch.cuda.synchronize
-    else:
-        autocast, sync = contextlib.nullcontext, lambda: None
+        return autocast, torch.cuda.synchronize
+    return contextlib.nullcontext, lambda: None
 
-    if args.random:
-        torch.manual_seed(0)
-        ours = M.Transformer(copy.deepcopy(SMOLLM2_SHAPE)).to(device).eval()
-        tokenizer, weights = None, "random weights, SmolLM2-135M shape"
-    else:
-        ours, tokenizer = M.load_pretrained(args.model, dtype=torch.float32, device=device)
-        weights = Path(args.model).name
-    hf = transformers_twin(ours)
-    e2e = e2e_batch(ours.config, tokenizer, args, device) if tokenizer is not None else None
-    print(f"{weights}: {ours.num_params():,} parameters; torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, {device}, {torch.get_num_threads()} threads"
-          + (", bf16 autocast" if device.type == "cuda" else ", float32") + "\n")
-    # The settings, with paths as file names: the results are committed, where they were is not.
-    settings = {k: Path(v).name if k in ("model", "e2e_dir", "out") and v else v for k, v in vars(args).items()}
-    results = dict(weights=weights, device=str(device), threads=torch.get_num_threads(), args=settings,
-                   torch=torch.__version__, transformers=transformers.__version__)
 
+def bench_parts(results: dict, ours, hf, tokenizer, e2e, args, device, autocast, sync, skip: set) -> None:
+    """Parts 1-3, each with its table header; the results go into `results`."""
     if "decode" not in skip:  # before training: the adapters change the models
         print(f"KV-cached greedy decoding, {args.prompt_len}-token prompt, {args.new_tokens} new tokens, "
               f"median of {args.decode_repeats}\n")
@@ -441,20 +424,60 @@ def main(argv=None):
               "| greedy outputs as float32 |")
         print("|---|---|---|---|---|---|---|")
         results["cpu_bf16"] = bench_cpu_bf16(ours, tokenizer, e2e, args)
+
+
+def bench_loading_part(args, tokenizer) -> list:
+    """Part 4, with its table: from the GGUF, and from a safetensors directory of the same float32 weights."""
+    print(f"\nloading (fresh process each, median of {args.load_repeats}), float32\n")
+    print("| from | model MiB | ours s | transformers s | time ours / transformers "
+          "| ours peak RSS increase MiB | transformers peak RSS increase MiB |")
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        sources = {} if args.random else {"GGUF Q4_1": str(Path(args.model).resolve())}
+        # A safetensors directory of the same float32 weights (random ones with --random).
+        ref = M.Transformer(copy.deepcopy(SMOLLM2_SHAPE)) if args.random else M.load_pretrained(args.model)[0]
+        M.save_hf_checkpoint(ref, tokenizer, Path(tmp) / "hf")
+        del ref
+        sources["HF safetensors fp32"] = str(Path(tmp) / "hf")
+        return bench_loading(sources, args.load_repeats)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.measure_load:
+        print(json.dumps(measure_load(*args.measure_load)))
+        return
+    check_sources(args)
+    import transformers
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT calls a deprecated transformers API
+    device = torch.device(args.device)
+    args.loss_rtol = args.loss_rtol or (2e-2 if device.type == "cuda" else 1e-3)
+    skip = set(filter(None, args.skip.split(",")))
+    autocast, sync = timing_hooks(device)
+
+    if args.random:
+        torch.manual_seed(0)
+        ours = M.Transformer(copy.deepcopy(SMOLLM2_SHAPE)).to(device).eval()
+        tokenizer, weights = None, "random weights, SmolLM2-135M shape"
+    else:
+        ours, tokenizer = M.load_pretrained(args.model, dtype=torch.float32, device=device)
+        weights = Path(args.model).name
+    hf = transformers_twin(ours)
+    e2e = e2e_batch(ours.config, tokenizer, args, device) if tokenizer is not None else None
+    print(f"{weights}: {ours.num_params():,} parameters; torch {torch.__version__}, transformers "
+          f"{transformers.__version__}, {device}, {torch.get_num_threads()} threads"
+          + (", bf16 autocast" if device.type == "cuda" else ", float32") + "\n")
+    # The settings, with paths as file names: the results are committed, where they were is not.
+    settings = {k: Path(v).name if k in ("model", "e2e_dir", "out") and v else v for k, v in vars(args).items()}
+    results = dict(weights=weights, device=str(device), threads=torch.get_num_threads(), args=settings,
+                   torch=torch.__version__, transformers=transformers.__version__)
+    bench_parts(results, ours, hf, tokenizer, e2e, args, device, autocast, sync, skip)
     if "load" not in skip:
-        del ours, hf
-        print(f"\nloading (fresh process each, median of {args.load_repeats}), float32\n")
-        print("| from | model MiB | ours s | transformers s | time ours / transformers "
-              "| ours peak RSS increase MiB | transformers peak RSS increase MiB |")
-        print("|---|---|---|---|---|---|---|")
-        with tempfile.TemporaryDirectory() as tmp:
-            sources = {} if args.random else {"GGUF Q4_1": str(Path(args.model).resolve())}
-            # A safetensors directory of the same float32 weights (random ones with --random).
-            ref = M.Transformer(copy.deepcopy(SMOLLM2_SHAPE)) if args.random else M.load_pretrained(args.model)[0]
-            M.save_hf_checkpoint(ref, tokenizer, Path(tmp) / "hf")
-            del ref
-            sources["HF safetensors fp32"] = str(Path(tmp) / "hf")
-            results["loading"] = bench_loading(sources, args.load_repeats)
+        del ours, hf  # this process's copies are not needed for the loading part
+        results["loading"] = bench_loading_part(args, tokenizer)
 
     out = files.write_text_atomic(args.out, json.dumps(results, indent=2, default=str) + "\n")
     print(f"\nwrote {out}")

@@ -52,6 +52,78 @@ def prompt_ids(tokenizer, eos_id) -> dict:
             for name, text in PROMPTS.items()}
 
 
+def load_both(gguf: Path):
+    """(ours, our tokenizer, transformers' model, its tokenizer, {loader: seconds}) of one GGUF, float32."""
+    import transformers
+    start = time.perf_counter()
+    ours, tokenizer = M.load_pretrained(gguf, dtype=torch.float32)
+    ours_load = time.perf_counter() - start
+    start = time.perf_counter()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf_load = time.perf_counter() - start
+    return ours, tokenizer, hf, hf_tokenizer, dict(ours=ours_load, transformers=hf_load)
+
+
+@torch.no_grad()
+def compare_prompts(ours, hf, tokenizer, new_tokens: int) -> list[dict]:
+    """Parts 1 and 2, with their table: each prompt alone, then all as one left-padded batch."""
+    eos = ours.config.eos_token_id
+    eos_id, _ = data.eos_and_pad_ids(ours.config)
+    rows = []
+    print("| prompt | tokens | max abs Δlogits | max abs logits | relative | top-1 agree | greedy identical |")
+    print("|---|---|---|---|---|---|---|")
+    for name, ids in prompt_ids(tokenizer, eos_id).items():
+        x = torch.tensor([ids])
+        ours_logits, ref_logits = ours(x)[0], hf(x).logits
+        diff, scale = (ours_logits - ref_logits).abs().max().item(), ref_logits.abs().max().item()
+        top1 = (ours_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
+        ours_out = ours.generate(x, new_tokens, eos_token_id=eos)[0, len(ids):]
+        ref_out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                              do_sample=False, eos_token_id=eos, pad_token_id=eos_id)[0, len(ids):]
+        identical = torch.equal(ours_out, ref_out)
+        rows.append(dict(prompt=name, tokens=len(ids), max_abs_diff=diff, max_abs_logit=scale,
+                         relative=diff / scale, top1_agreement=top1, greedy_identical=identical,
+                         ours_continuation=tokenizer.decode(ours_out.tolist(), skip_special_tokens=False),
+                         transformers_continuation=tokenizer.decode(ref_out.tolist(), skip_special_tokens=False)))
+        print(f"| {name} | {len(ids)} | {diff:.2e} | {scale:.2f} | {diff / scale:.2e} | {top1:.3f} | {identical} |")
+
+    # All prompts as one left-padded batch: the padding mask and position ids on both sides.
+    prompts = list(prompt_ids(tokenizer, eos_id).values())
+    width = max(map(len, prompts))
+    x = torch.tensor([[eos_id] * (width - len(ids)) + ids for ids in prompts])
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ours_logits = ours(x, attention_mask=mask)[0][mask.bool()]
+    ref_logits = hf(x, attention_mask=mask, position_ids=positions).logits[mask.bool()]
+    diff, scale = (ours_logits - ref_logits).abs().max().item(), ref_logits.abs().max().item()
+    top1 = (ours_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
+    ours_out = ours.generate(x, new_tokens, eos_token_id=eos, attention_mask=mask)[:, width:]
+    ref_out = hf.generate(x, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                          eos_token_id=eos, pad_token_id=eos_id)[:, width:]
+    identical = torch.equal(ours_out, ref_out)
+    rows.append(dict(prompt="all, left-padded batch", tokens=int(mask.sum()), max_abs_diff=diff,
+                     max_abs_logit=scale, relative=diff / scale, top1_agreement=top1, greedy_identical=identical,
+                     ours_continuation=None, transformers_continuation=None))
+    print(f"| all {len(prompts)}, left-padded batch | {int(mask.sum())} | {diff:.2e} | {scale:.2f} "
+          f"| {diff / scale:.2e} | {top1:.3f} | {identical} |")
+    return rows
+
+
+def compare_tokenizers(tokenizer, hf_tokenizer) -> list[dict]:
+    """Part 3, with its table: the token ids of TOKENIZER_STRINGS on both sides."""
+    tokenizer_rows = []
+    print("\n| string | ours ids | transformers ids | identical |")
+    print("|---|---|---|---|")
+    for text in TOKENIZER_STRINGS:
+        ours_ids = tokenizer.encode(text).ids
+        ref_ids = hf_tokenizer(text, add_special_tokens=False).input_ids
+        tokenizer_rows.append(dict(text=text, ours=ours_ids, transformers=ref_ids, identical=ours_ids == ref_ids))
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        print(f"| {shown!r} | {len(ours_ids)} | {len(ref_ids)} | {ours_ids == ref_ids} |")
+    return tokenizer_rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.environ.get("KASA_SMOLLM2_GGUF"),
@@ -69,80 +141,25 @@ def main(argv=None):
     gguf = Path(args.model)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads\n")
 
-    start = time.perf_counter()
-    ours, tokenizer = M.load_pretrained(gguf, dtype=torch.float32)
-    ours_load = time.perf_counter() - start
-    start = time.perf_counter()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    hf_load = time.perf_counter() - start
-    eos = ours.config.eos_token_id
-    eos_id, _ = data.eos_and_pad_ids(ours.config)
-
-    rows = []
-    print("| prompt | tokens | max abs Δlogits | max abs logits | relative | top-1 agree | greedy identical |")
-    print("|---|---|---|---|---|---|---|")
-    with torch.no_grad():
-        for name, ids in prompt_ids(tokenizer, eos_id).items():
-            x = torch.tensor([ids])
-            ours_logits, ref_logits = ours(x)[0], hf(x).logits
-            diff, scale = (ours_logits - ref_logits).abs().max().item(), ref_logits.abs().max().item()
-            top1 = (ours_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
-            ours_out = ours.generate(x, args.new_tokens, eos_token_id=eos)[0, len(ids):]
-            ref_out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.new_tokens,
-                                  do_sample=False, eos_token_id=eos, pad_token_id=eos_id)[0, len(ids):]
-            identical = torch.equal(ours_out, ref_out)
-            rows.append(dict(prompt=name, tokens=len(ids), max_abs_diff=diff, max_abs_logit=scale,
-                             relative=diff / scale, top1_agreement=top1, greedy_identical=identical,
-                             ours_continuation=tokenizer.decode(ours_out.tolist(), skip_special_tokens=False),
-                             transformers_continuation=tokenizer.decode(ref_out.tolist(), skip_special_tokens=False)))
-            print(f"| {name} | {len(ids)} | {diff:.2e} | {scale:.2f} | {diff / scale:.2e} | {top1:.3f} | {identical} |")
-
-        # All prompts as one left-padded batch: the padding mask and position ids on both sides.
-        prompts = list(prompt_ids(tokenizer, eos_id).values())
-        width = max(map(len, prompts))
-        x = torch.tensor([[eos_id] * (width - len(ids)) + ids for ids in prompts])
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        ours_logits = ours(x, attention_mask=mask)[0][mask.bool()]
-        ref_logits = hf(x, attention_mask=mask, position_ids=positions).logits[mask.bool()]
-        diff, scale = (ours_logits - ref_logits).abs().max().item(), ref_logits.abs().max().item()
-        top1 = (ours_logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
-        ours_out = ours.generate(x, args.new_tokens, eos_token_id=eos, attention_mask=mask)[:, width:]
-        ref_out = hf.generate(x, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False,
-                              eos_token_id=eos, pad_token_id=eos_id)[:, width:]
-        identical = torch.equal(ours_out, ref_out)
-        rows.append(dict(prompt="all, left-padded batch", tokens=int(mask.sum()), max_abs_diff=diff,
-                         max_abs_logit=scale, relative=diff / scale, top1_agreement=top1, greedy_identical=identical,
-                         ours_continuation=None, transformers_continuation=None))
-        print(f"| all {len(prompts)}, left-padded batch | {int(mask.sum())} | {diff:.2e} | {scale:.2f} "
-              f"| {diff / scale:.2e} | {top1:.3f} | {identical} |")
-
+    ours, tokenizer, hf, hf_tokenizer, load_seconds = load_both(gguf)
+    rows = compare_prompts(ours, hf, tokenizer, args.new_tokens)
     print(f"\ngreedy continuations ({args.new_tokens} new tokens at most):")
     for row in rows[:-1]:
         print(f"  [{row['prompt']}] ours: {row['ours_continuation']!r}")
         if not row["greedy_identical"]:
             print(f"  [{row['prompt']}] transformers: {row['transformers_continuation']!r}")
-
-    tokenizer_rows = []
-    print("\n| string | ours ids | transformers ids | identical |")
-    print("|---|---|---|---|")
-    for text in TOKENIZER_STRINGS:
-        ours_ids = tokenizer.encode(text).ids
-        ref_ids = hf_tokenizer(text, add_special_tokens=False).input_ids
-        tokenizer_rows.append(dict(text=text, ours=ours_ids, transformers=ref_ids, identical=ours_ids == ref_ids))
-        shown = text if len(text) <= 40 else text[:37] + "..."
-        print(f"| {shown!r} | {len(ours_ids)} | {len(ref_ids)} | {ours_ids == ref_ids} |")
+    tokenizer_rows = compare_tokenizers(tokenizer, hf_tokenizer)
 
     worst = max(row["relative"] for row in rows)
     ok = (worst <= 1e-3 and all(r["greedy_identical"] for r in rows) and all(r["identical"] for r in tokenizer_rows))
     print(f"\nworst relative logits difference {worst:.2e} (target <= 1e-3); "
-          f"load time ours {ours_load:.1f} s, transformers {hf_load:.1f} s; {'PASS' if ok else 'FAIL'}")
+          f"load time ours {load_seconds['ours']:.1f} s, transformers {load_seconds['transformers']:.1f} s; "
+          f"{'PASS' if ok else 'FAIL'}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, json.dumps(dict(
         model=str(gguf), torch=torch.__version__, transformers=transformers.__version__, passed=ok,
-        worst_relative=worst, load_seconds=dict(ours=ours_load, transformers=hf_load),
+        worst_relative=worst, load_seconds=load_seconds,
         prompts=rows, tokenizer=tokenizer_rows), indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {out}")
     sys.exit(0 if ok else 1)

@@ -8,6 +8,7 @@ prompt hands its rows to the next), which must not change a single token.
 """
 import math
 import random
+import sys
 from collections import Counter
 
 import pytest
@@ -15,7 +16,11 @@ import torch
 
 import eval as E
 import model as M
+from conftest import REPO
 from test_model import save, tiny_gpt2, tiny_llama
+
+sys.path.insert(0, str(REPO / "bench"))
+from bench_decode import continuation_no_repeat_ngram  # noqa: E402  (the one definition, beside its benchmark)
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -31,16 +36,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class ContinuationNoRepeatNGram(transformers.LogitsProcessor):
-    """transformers' n-gram blocking, looking at the tokens after the prompt only."""
-
-    def __init__(self, n, prompt_len):
-        self.block, self.prompt_len = transformers.NoRepeatNGramLogitsProcessor(n), prompt_len
-
-    def __call__(self, input_ids, scores):
-        return self.block(input_ids[:, self.prompt_len:], scores)
 
 
 class BlankLineCriteria(transformers.StoppingCriteria):
@@ -61,7 +56,7 @@ def hf_beam_search(hf, prompt, config, eos=None, stopping=None, early_stopping=F
                       length_penalty=config.length_penalty, early_stopping=early_stopping, do_sample=False,
                       eos_token_id=eos, pad_token_id=eos[0] if eos else 0,
                       logits_processor=transformers.LogitsProcessorList(
-                          [ContinuationNoRepeatNGram(config.no_repeat_ngram_size, len(prompt))]),
+                          [continuation_no_repeat_ngram(config.no_repeat_ngram_size, len(prompt))]),
                       stopping_criteria=transformers.StoppingCriteriaList(stopping or []))
     tokens = out[0, len(prompt):].tolist()
     return tokens[:next((i for i, t in enumerate(tokens) if eos and t in eos), len(tokens))]

@@ -31,6 +31,17 @@ def randomize_adapter(model):
             m.kasa_B.data.normal_(0, 0.5)
 
 
+def adapted_two_projections(seed: int):
+    """(pretrained state dict, a TwoProjections loaded from it with an r=4 adapter whose ΔW ≠ 0)."""
+    torch.manual_seed(seed)
+    pretrained = TwoProjections().state_dict()
+    model = TwoProjections()
+    model.load_state_dict(pretrained)
+    kasa.apply_kasa(model, r=4, alpha=8)
+    randomize_adapter(model)
+    return pretrained, model
+
+
 def numpy_world(W: np.ndarray, r: int) -> np.ndarray:
     U, S, Vt = np.linalg.svd(W, full_matrices=False)
     k = len(S)
@@ -249,12 +260,7 @@ def test_bf16_base_with_fp32_adapter():
 
 def test_state_dict_round_trip_without_svd(monkeypatch, tmp_path):
     safetensors_torch = pytest.importorskip("safetensors.torch")
-    torch.manual_seed(1)
-    pretrained = TwoProjections().state_dict()
-    model = TwoProjections()
-    model.load_state_dict(pretrained)
-    kasa.apply_kasa(model, r=4, alpha=8)
-    randomize_adapter(model)
+    pretrained, model = adapted_two_projections(seed=1)
     x = torch.randn(3, 24)
     expected = model(x)
     path = tmp_path / "adapter.safetensors"
@@ -413,12 +419,7 @@ def test_kasa_error_is_a_value_error_with_its_fix():
 
 @pytest.fixture
 def trained_adapter():
-    torch.manual_seed(3)
-    pretrained = TwoProjections().state_dict()
-    model = TwoProjections()
-    model.load_state_dict(pretrained)
-    kasa.apply_kasa(model, r=4, alpha=8)
-    randomize_adapter(model)
+    pretrained, model = adapted_two_projections(seed=3)
     return pretrained, kasa.kasa_state_dict(model)
 
 

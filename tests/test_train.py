@@ -102,6 +102,7 @@ def test_e2e_end_to_end_train_decode_score(tiny_gpt2_dir, shared_data, tmp_path)
     eval.py --checkpoint on the run dir reproduces the same outputs from the saved adapter. The run
     also leaves its truncation report and, with --export, a merged HF checkpoint and a PEFT adapter."""
     import eval as evaluation
+    from data import group_references, load_e2e_split
     out = tmp_path / "run"
     metrics = train.main(run_args(tiny_gpt2_dir, shared_data, out, "--max-steps", "4", "--max-eval-examples", "5",
                                   "--num-beams", "3", "--max-new-tokens", "8", "--eval-batch-size", "2",
@@ -115,7 +116,7 @@ def test_e2e_end_to_end_train_decode_score(tiny_gpt2_dir, shared_data, tmp_path)
     assert json.loads((out / "metrics.json").read_text()) == metrics
     predictions = (out / "predictions.txt").read_text(encoding="utf-8").splitlines()
     references = evaluation.read_multi_references(out / "references.txt")
-    test_groups = evaluation.group_references(evaluation.load_e2e_split(
+    test_groups = group_references(load_e2e_split(
         shared_data / "e2e" / "original" / "testset_w_refs.csv"))[:5]
     assert len(predictions) == 5 and references == [refs for _, refs in test_groups]
     assert evaluation.bleu_score(predictions, references) == metrics["BLEU"]
