@@ -12,15 +12,15 @@ TinyLlama, SmolLM2) differ in a handful of choices; one `Transformer` covers bot
 Attention projections are separate nn.Linear layers q_proj, k_proj, v_proj, o_proj in both families
 (GPT-2's fused c_attn is split at load time), so KaSA adapters target the same names everywhere.
 
-Reading order: config -> norm/RoPE -> attention + KV cache -> MLP -> block -> model -> load_pretrained.
-Machinery a reader may skip lives elsewhere: the file formats (safetensors, .bin, GGUF, tokenizers, hub
-ids) in checkpoints.py, export in export.py, GLUE's classification head in tasks.py.
+Reading order: config -> norm/RoPE -> attention + KV cache -> MLP -> block -> model -> classification
+head -> load_pretrained. Machinery a reader may skip lives elsewhere: the file formats (safetensors,
+.bin, GGUF, tokenizers, hub ids) in checkpoints.py, export in export.py.
 
     model, tokenizer = load_pretrained("path/or/hub-id/or/file.gguf", dtype=torch.bfloat16)
     logits, loss = model(input_ids, targets)       # targets already shifted by the caller
     loss = model.loss(input_ids, targets, attention_mask)  # the same loss, logits only where there are targets
     h = model.hidden_states(input_ids, attention_mask)               # (B, T, d), final-normed
-    scores = tasks.ClassificationHead(d_model, num_labels)(h, attention_mask)  # GLUE: reads the last real token
+    scores = ClassificationHead(d_model, num_labels)(h, attention_mask)  # GLUE: reads the last real token
     cache = model.new_cache(batch_size, max_len)   # then model(new_ids, attention_mask=..., cache=cache)
     out = model.generate(input_ids, max_new_tokens, eos_token_id, attention_mask)
 """
@@ -123,20 +123,13 @@ def apply_rope(x, cos, sin):
 # ----------------------------------------------------------------------------- attention and KV cache
 
 class KVCache:
-    """Preallocated keys/values k[layer], v[layer] (batch, n_kv_head, max_len, head_dim), filled:
-
-    Together: positions [0, length) of every row are filled; a forward call of T tokens writes at
-    [length, length + T) in every layer, then the model advances `length` by T. The caller owns the
-    attention mask (B, length + T): 1 for real tokens, 0 for padding (left padding for batched prompts).
-
-    Row by row (continuous batching: a row whose text is done takes the next prompt): once
-    `start_rows` gave some rows a new sequence, row b has its own `row_lengths[b]`; its T new tokens
-    go at [row_lengths[b], + T), numbered from there, and every key past a row's own length is masked
-    (no attention_mask: such rows hold no padding). `length` is then the longest row.
-
-    Beam search: `expand(n)` repeats every row n times (repeat_interleave), `reorder(index)` keeps
-    rows `index` (the parent beam of every surviving hypothesis); reorder the attention mask alike.
-    """
+    """Preallocated keys/values k[layer], v[layer] (batch, n_kv_head, max_len, head_dim), filled
+    together: a forward call of T tokens writes positions [length, length + T) of every row, then the
+    model advances `length`; the caller owns the attention mask (B, length + T), 0 for (left) padding.
+    Or row by row (continuous batching: a row whose text is done takes the next prompt): once
+    `start_rows` gave rows a new sequence, row b writes at its own `row_lengths[b]`, and keys past a
+    row's length are masked (no attention_mask). Beam search: `reorder(index)` keeps rows `index`
+    (each surviving hypothesis's parent beam; an index may repeat a row)."""
 
     def __init__(self, n_layer, batch_size, n_kv_head, head_dim, max_len, dtype, device):
         shape = (batch_size, n_kv_head, max_len, head_dim)
@@ -208,13 +201,6 @@ class KVCache:
         for buffer in self.k + self.v:  # gather into the scratch, copy back: no new allocation per step
             torch.index_select(buffer[:, :, part], 0, index, out=self._scratch[:, :, part])
             buffer[:, :, part] = self._scratch[:, :, part]
-        return self
-
-    def expand(self, n: int) -> "KVCache":
-        self.k, self.v = ([x.repeat_interleave(n, dim=0) for x in xs] for xs in (self.k, self.v))
-        if self.row_lengths is not None:
-            self.row_lengths = self.row_lengths.repeat_interleave(n)
-        self._scratch = None
         return self
 
 
@@ -418,6 +404,32 @@ class Transformer(nn.Module):
         return out
 
 
+# ----------------------------------------------------------------------------- classification head
+# GLUE on a decoder: under causal attention only the last real token has seen the whole sequence,
+# so a linear head reads the hidden state there (as transformers' GPT2ForSequenceClassification).
+
+def last_token_states(hidden, attention_mask):
+    """(B, T, d) -> (B, d): each row's state at its last position with attention_mask 1 (from the
+    mask, not a pad id: left or right padding, and models that pad with eos, as GPT-2 does)."""
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    last = torch.where(attention_mask.bool(), positions, -1).amax(dim=1)
+    if (last < 0).any():
+        raise ValueError("a row of attention_mask is all zeros: every sequence needs at least one token")
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+class ClassificationHead(nn.Module):
+    """num_labels scores from the last real token (1: a regression, e.g. STS-B). Beside the
+    Transformer, not inside it, so adapters see the same module names with or without a head."""
+
+    def __init__(self, d_model: int, num_labels: int):
+        super().__init__()
+        self.score = nn.Linear(d_model, num_labels)
+
+    def forward(self, hidden, attention_mask):
+        return self.score(last_token_states(hidden, attention_mask).to(self.score.weight.dtype))
+
+
 # ----------------------------------------------------------------------------- load_pretrained
 
 def load_pretrained(name_or_path, dtype=torch.float32, device="cpu"):
@@ -436,11 +448,11 @@ def load_pretrained(name_or_path, dtype=torch.float32, device="cpu"):
     return model.eval(), tokenizer
 
 
-# Names that moved to checkpoints.py / export.py / tasks.py still import from here, lazily (PEP 562).
+# Names that moved to checkpoints.py / export.py still import from here, lazily (PEP 562).
 _MOVED = {"CheckpointError": "errors", "SUPPORTED_MODEL_TYPES": "checkpoints", "byte_level_bpe": "checkpoints",
           "load_tokenizer": "checkpoints", "unpermute_qk": "checkpoints", "hf_config": "export",
           "hf_state_dict": "export", "peft_lora_weights": "export", "save_hf_checkpoint": "export",
-          "save_peft_adapter": "export", "ClassificationHead": "tasks", "last_token_states": "tasks"}
+          "save_peft_adapter": "export"}
 
 
 def __getattr__(name: str):

@@ -9,8 +9,7 @@
   report_truncation  what KaSA's SVD truncation costs this model, measured before training
   Task          what the training loop needs from a task
   e2e_task      E2E NLG: (MR, reference) sequences, loss on the reference, beam search, five metrics
-  ClassificationHead  GLUE's linear head on the last real token (model.py re-exports it)
-  glue_task     GLUE: that head, cross-entropy (MSE for STS-B), dev metrics
+  glue_task     GLUE: model.ClassificationHead, cross-entropy (MSE for STS-B), dev metrics
   TASKS         task name -> the function that builds its Task
   validate      --eval-every: score the training model on held-out data, into the history
 """
@@ -33,6 +32,7 @@ import files
 import kasa
 import metrics
 from errors import ConfigError
+from model import ClassificationHead
 
 # -----------------------------------------------------------------------------
 # Presets
@@ -512,36 +512,6 @@ def e2e_task(config, model, tokenizer) -> Task:
     validate = e2e_validator(config, model, tokenizer, validation) if validation else None
     return Task(train, collate, loss, lambda batch: int((batch["targets"] != -100).sum()), evaluate,
                 probe_batches=[collate(train[i:i + 8]) for i in (0, 8)], validate=validate)
-
-
-# GLUE on a decoder: under causal attention only the last real token has seen the whole sequence,
-# so a linear head reads the hidden state there (as transformers' GPT2ForSequenceClassification).
-
-
-def last_token_states(hidden, attention_mask):
-    """(B, T, d) hidden states -> (B, d): each row's state at its last position with attention_mask 1.
-
-    Found from the mask, not from a pad id, so it works with left or right padding and with models
-    that pad with eos (GPT-2 has no pad token)."""
-    positions = torch.arange(hidden.shape[1], device=hidden.device)
-    last = torch.where(attention_mask.bool(), positions, -1).amax(dim=1)
-    if (last < 0).any():
-        raise ValueError("a row of attention_mask is all zeros: every sequence needs at least one token")
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-
-
-class ClassificationHead(nn.Module):
-    """num_labels scores from the last real token's hidden state (num_labels=1: a regression, e.g. STS-B).
-
-    It lives beside the Transformer, not inside it, so adapters see the same module names with or
-    without a head; it trains with the adapter and is saved beside it."""
-
-    def __init__(self, d_model: int, num_labels: int):
-        super().__init__()
-        self.score = nn.Linear(d_model, num_labels)
-
-    def forward(self, hidden, attention_mask):
-        return self.score(last_token_states(hidden, attention_mask).to(self.score.weight.dtype))
 
 
 def glue_task(config, model, tokenizer) -> Task:

@@ -118,7 +118,7 @@ def test_left_padded_batch_equals_unpadded_rows(pair):
             assert torch.equal(out[i, T:], ours.generate(r[None], max_new_tokens=6)[0, len(r):])
 
 
-def test_cache_reorder_and_expand_for_beams():
+def test_cache_reorder_into_beams_then_between_them():
     torch.manual_seed(0)
     model = M.Transformer(M.ModelConfig(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=48)).eval()
     ids = torch.randint(0, 50, (2, 6))
@@ -126,7 +126,7 @@ def test_cache_reorder_and_expand_for_beams():
     with torch.no_grad():
         cache = model.new_cache(2, 8)
         model(ids, cache=cache)
-        cache.expand(2).reorder(torch.tensor([1, 0, 3, 2]))  # beams of row 0 = rows 0,1; swap each pair
+        cache.reorder(torch.tensor([0, 0, 1, 1])).reorder(torch.tensor([1, 0, 3, 2]))  # 2 beams a row; swap each pair
         stepped, _ = model(nxt, cache=cache)
         beams = ids.repeat_interleave(2, 0)[[1, 0, 3, 2]]
         full, _ = model(torch.cat([beams, nxt], 1))
