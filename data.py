@@ -19,7 +19,7 @@ and references are kept as written in the CSV (LoRA's copies are pre-tokenised: 
 GLUE (the six tasks of the KaSA paper's GLUE table: CoLA, SST-2, MRPC, QNLI, RTE, STS-B), read from
 the official TSV files, train.tsv and dev.tsv per task folder: the GLUE release zips, and MRPC built
 from its SentEval copy with GLUE's dev-ids split. Encoded for a decoder: sentence A, then for a
-pair the eos token and sentence B; a classification head reads the last real token (tasks.py).
+pair the eos token and sentence B; a classification head reads the last real token (model.py).
 """
 import csv
 import hashlib
