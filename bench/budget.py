@@ -9,7 +9,7 @@ warmup steps then linear decay, label smoothing 0.1, weight decay 0.01, r=4, α=
 0.1 on q,v. Validation: greedy decoding of the held-out MRs (BLEU, NIST, ROUGE_L, CIDEr) and the
 teacher-forced loss on their references. At the end: the five metrics on the first 50 test MRs
 with beam 4 (as bench/compare.py). Methods: KaSA, LoRA, PiSSA, KaSA --truncation 0, and KaSA with
-the data-aware truncation (--truncation-criterion activation) where this train.py has it.
+the data-aware truncation (--truncation-criterion activation).
 SST-2: KaSA, LoRA, PiSSA, 2,000 steps × batch 8 (one epoch over the first 16,000 training rows),
 the preset otherwise (lr 5e-4, 6% warmup, r=8, α=16), accuracy on the whole dev set (872 rows)
 every 250 steps. Seeds 0,1,2 for KaSA and LoRA, seed 0 for the others. LoRA and PiSSA train
@@ -35,7 +35,6 @@ points are marked partial. It gives each method's validation curve (mean ± samp
 at each step), the first step at which KaSA's mean comes within LoRA's seed spread (KaSA mean ≥
 LoRA mean − LoRA std, at a step with at least two LoRA seeds), and the final test scores.
 """
-import dataclasses
 import json
 import math
 import re
@@ -62,21 +61,13 @@ LOADED = 2.5   # a typical slowdown with other jobs on the same 2 cores (bench/s
 #                measures the current one from the log of a run under way
 
 
-def has_activation_criterion() -> bool:
-    """Whether this train.py has the data-aware truncation (--truncation-criterion activation)."""
-    fields = {f.name: f for f in dataclasses.fields(train.TrainConfig)}
-    return "truncation_criterion" in fields and "activation" in (fields["truncation_criterion"].metadata["valid"] or ())
-
-
 def methods(task: str) -> list:
     """(label, --method, extra flags, seeds) per method; KaSA and LoRA get every seed."""
     if task == "sst2":
         return [("KaSA", "kasa", [], "all"), ("LoRA", "lora", [], "all"), ("PiSSA", "pissa", [], "first")]
-    rows = [("KaSA", "kasa", [], "all"), ("LoRA", "lora", [], "all"), ("PiSSA", "pissa", [], "first"),
-            ("KaSA, no truncation", "kasa", ["--truncation", "0"], "first")]
-    if has_activation_criterion():
-        rows.append(("KaSA, activation truncation", "kasa", ["--truncation-criterion", "activation"], "first"))
-    return rows
+    return [("KaSA", "kasa", [], "all"), ("LoRA", "lora", [], "all"), ("PiSSA", "pissa", [], "first"),
+            ("KaSA, no truncation", "kasa", ["--truncation", "0"], "first"),
+            ("KaSA, activation truncation", "kasa", ["--truncation-criterion", "activation"], "first")]
 
 
 def task_flags(task: str, budget: sweep.Budget) -> list:
@@ -304,9 +295,6 @@ def print_plan(runs: list, results: dict, budget: sweep.Budget, results_dir):
         seconds = estimate_seconds(task, steps[task])
         total += seconds
         print(f"  {run.name}: {steps[task]:,} steps, ~{seconds / 3600:.1f} h")
-    if not has_activation_criterion():
-        print("  (KaSA with --truncation-criterion activation: not planned, this train.py lacks it; "
-              "it joins the plan once it does)")
     print(f"estimate: {total / 3600:.1f} h on 2 free CPU cores for the {len(todo)} runs left (E2E "
           f"{SECONDS['e2e']['step']} s/step, SST-2 {SECONDS['sst2']['step']} s/step), about "
           f"{LOADED * total / 3600:.0f} h with other jobs on the same cores; a run in progress resumes from its checkpoint")

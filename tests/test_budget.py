@@ -30,18 +30,16 @@ def fake_budget(paths, **changes):
                                   e2e_steps=0, glue_steps=2000, dev_rows=872), **changes})
 
 
-@pytest.mark.parametrize("activation", [False, True])
-def test_the_plan_puts_seed_0_of_kasa_and_lora_first_and_has_every_method(paths, monkeypatch, activation):
-    monkeypatch.setattr(budget, "has_activation_criterion", lambda: activation)
+def test_the_plan_puts_seed_0_of_kasa_and_lora_first_and_has_every_method(paths):
     runs = budget.build_runs(["e2e", "sst2"], [0, 1, 2], fake_budget(paths))
     labels = [(r.labels["task"], r.labels["method"], r.labels["seed"]) for r in runs]
     assert labels[:4] == [("sst2", "KaSA", 0), ("sst2", "LoRA", 0), ("e2e", "KaSA", 0), ("e2e", "LoRA", 0)]
     for task, method in [("sst2", "KaSA"), ("sst2", "LoRA"), ("e2e", "KaSA"), ("e2e", "LoRA")]:
         assert sorted(s for t, m, s in labels if (t, m) == (task, method)) == [0, 1, 2]
-    for task, method in [("sst2", "PiSSA"), ("e2e", "PiSSA"), ("e2e", "KaSA, no truncation")]:
+    for task, method in [("sst2", "PiSSA"), ("e2e", "PiSSA"), ("e2e", "KaSA, no truncation"),
+                         ("e2e", "KaSA, activation truncation")]:
         assert [s for t, m, s in labels if (t, m) == (task, method)] == [0]
-    assert (("e2e", "KaSA, activation truncation", 0) in labels) == activation
-    assert len(runs) == 15 + activation and len({r.key for r in runs}) == len(runs)
+    assert len(runs) == 16 and len({r.key for r in runs}) == len(runs)
 
 
 def test_the_flags_are_the_papers_recipe_as_train_py_reads_them(paths, tmp_path):
