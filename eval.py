@@ -376,7 +376,8 @@ def e2e_evaluator(config, tokenizer):
     test set now (a bad file stops a run before it trains) and returns evaluate(merged model in eval
     mode, out_dir) -> metrics: it decodes with the run's beam settings under the autocast train.py
     trains with, writes predictions.txt and references.txt into out_dir, and scores them."""
-    groups = e2e_test_groups(*(setting(config, name) for name in ("data_version", "data_dir", "max_eval_examples")))
+    groups = e2e_test_groups(setting(config, "data_version"), setting(config, "data_dir"),
+                             setting(config, "max_eval_examples"))
     beam = BeamSearchConfig(**{name: setting(config, name) for name in
                                ("num_beams", "max_new_tokens", "length_penalty", "no_repeat_ngram_size")})
 
@@ -392,7 +393,8 @@ def e2e_evaluator(config, tokenizer):
 def evaluate_run(run_dir, task: str = "e2e") -> dict:
     """`python eval.py --checkpoint RUN_DIR`: decode and score with the run's own settings, write predictions.txt,
     references.txt and metrics.json (the scores replace the run's; its other entries, e.g. train_steps, stay)."""
-    device, run_dir = "cuda" if torch.cuda.is_available() else "cpu", check_run_dir(run_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    run_dir = check_run_dir(run_dir)
     model, tokenizer, config = load_run(run_dir, device, task)
     if tokenizer is None:
         raise CheckpointError(f"the run's model {config['model']!r} ships no tokenizer; E2E decoding needs one")

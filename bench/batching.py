@@ -49,7 +49,7 @@ def padding_share(lengths: list, batches: list) -> float:
     return 1 - real / total
 
 
-def training_step(model, config, trainable, optimizer):
+def training_step(model, config, optimizer):
     """One KaSA step as train.py takes it (float32, no accumulation): Eq. 11's loss, backward, AdamW."""
     def step(batch):
         loss = model.loss(batch["input_ids"], batch["targets"], attention_mask=batch["attention_mask"],
@@ -76,7 +76,7 @@ def measure_speed(budget: sweep.Budget, n_batches: int) -> dict:
             for way in ("random", "grouped")}
     kasa.apply_kasa(model, targets=config.targets, r=config.r, alpha=config.alpha, dropout=config.adapter_dropout)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    step = training_step(model.train(), config, trainable, torch.optim.AdamW(trainable, lr=config.lr))
+    step = training_step(model.train(), config, torch.optim.AdamW(trainable, lr=config.lr))
     collate = {way: [data.collate_e2e([examples[i] for i in batch], pad_id=pad_id) for batch in batches]
                for way, batches in ways.items()}
     real_tokens = {way: sum(int(b["attention_mask"].sum()) for b in batches) for way, batches in collate.items()}
